@@ -1,0 +1,104 @@
+"""Multi-head attention of TRELLIS's dense transformer blocks, in Flax.
+
+Attention itself goes through ``jax.nn.dot_product_attention``: the cuDNN fused kernel on GPU for
+half-precision inputs (4x faster than XLA's default in our probe), XLA elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dso_jax.models.layers import MultiHeadRMSNorm
+
+Dtype = Any
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def resolve_attention_impl(implementation: str, dtype) -> Optional[str]:
+    """'auto' -> 'cudnn' on GPU for bf16/fp16, else XLA (None). 'xla' / 'cudnn' force one."""
+    if implementation == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        return "cudnn" if on_gpu and jnp.dtype(dtype) in _HALF else None
+    if implementation == "xla":
+        return None
+    if implementation == "cudnn":
+        return "cudnn"
+    raise ValueError(f"attention implementation must be 'auto', 'xla' or 'cudnn', got {implementation!r}")
+
+
+def dot_product_attention(q, k, v, implementation: str = "auto"):
+    """Softmax attention with scale 1/sqrt(head_dim); q (B, L, H, D), k/v (B, S, H, D) -> (B, L, H, D)."""
+    impl = resolve_attention_impl(implementation, q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def rope_phases(coords: np.ndarray, head_dim: int) -> np.ndarray:
+    """3-D rotary phases for integer token coordinates (L, 3) -> (L, head_dim // 2) angles.
+
+    Each axis gets ``head_dim // 3 // 2`` frequencies ``1 / 10000^(j / f)``; leftover pairs get
+    phase 0 (identity), as in TRELLIS's ``RotaryPositionEmbedder`` padding.
+    """
+    coords = np.asarray(coords, np.float32)
+    n, axes = coords.shape
+    freq_dim = head_dim // axes // 2
+    freqs = 1.0 / (10000.0 ** (np.arange(freq_dim, dtype=np.float32) / freq_dim))
+    phases = (coords[:, :, None] * freqs[None, None]).reshape(n, axes * freq_dim)
+    pad = head_dim // 2 - phases.shape[1]
+    return np.concatenate([phases, np.zeros((n, pad), np.float32)], axis=1)
+
+
+def apply_rope(x, phases):
+    """Rotate adjacent channel pairs of x (B, L, H, D) by phases (L, D/2), in float32."""
+    b, l, h, d = x.shape
+    x32 = x.astype(jnp.float32).reshape(b, l, h, d // 2, 2)
+    cos = jnp.cos(phases)[None, :, None, :]
+    sin = jnp.sin(phases)[None, :, None, :]
+    re = x32[..., 0] * cos - x32[..., 1] * sin
+    im = x32[..., 0] * sin + x32[..., 1] * cos
+    return jnp.stack([re, im], axis=-1).reshape(b, l, h, d).astype(x.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self (``to_qkv``) or cross (``to_q`` + ``to_kv``) attention followed by ``to_out``.
+
+    Fused projections keep PyTorch's output-channel order ``s * C + h * D + d`` (s = q/k/v), so
+    converted kernels need no permutation.
+    """
+
+    channels: int
+    num_heads: int
+    ctx_channels: Optional[int] = None
+    type: str = "self"
+    qkv_bias: bool = True
+    use_rope: bool = False
+    qk_rms_norm: bool = False
+    dtype: Dtype = jnp.float32
+    attn_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, context=None, rope=None):  # x (B, L, C), context (B, S, Cc)
+        b, l, c = x.shape
+        heads, head_dim = self.num_heads, self.channels // self.num_heads
+        dense = lambda n, name, bias=self.qkv_bias: nn.Dense(n, use_bias=bias, dtype=self.dtype, name=name)
+        if self.type == "self":
+            qkv = dense(3 * self.channels, "to_qkv")(x).reshape(b, l, 3, heads, head_dim)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            if self.use_rope:
+                q, k = apply_rope(q, rope), apply_rope(k, rope)
+        elif self.type == "cross":
+            s = context.shape[1]
+            q = dense(self.channels, "to_q")(x).reshape(b, l, heads, head_dim)
+            kv = dense(2 * self.channels, "to_kv")(context).reshape(b, s, 2, heads, head_dim)
+            k, v = kv[:, :, 0], kv[:, :, 1]
+        else:
+            raise ValueError(f"attention type must be 'self' or 'cross', got {self.type!r}")
+        if self.qk_rms_norm:
+            q = MultiHeadRMSNorm(head_dim, heads, name="q_rms_norm")(q)
+            k = MultiHeadRMSNorm(head_dim, heads, name="k_rms_norm")(k)
+        h = dot_product_attention(q, k, v, self.attn_impl).reshape(b, l, c)  # (B, L, C)
+        return nn.Dense(self.channels, dtype=self.dtype, name="to_out")(h)
