@@ -1,0 +1,192 @@
+"""Conversion of DINOv2 PyTorch state dicts (``dinov2_vitl14_reg4_pretrain.pth``) to Flax parameters.
+
+The key table lists one rule per parameter: PyTorch key -> Flax path ('/'-joined) and a layout rule.
+``convert_dinov2_state_dict`` is strict: it raises naming every missing, unexpected or mis-shaped key.
+Expected shapes come from the config alone, so this package does not import the model (``cfg`` is any
+object with the ``DinoV2Config`` fields; ``tests/test_dinov2.py`` checks the table against the model).
+The output is float32 (master weights); the released file is float32 already.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Callable
+
+import numpy as np
+
+Rule = Callable[[np.ndarray], np.ndarray]
+
+
+# Layout rules: PyTorch tensor -> Flax array.
+def keep(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+def linear_weight(w: np.ndarray) -> np.ndarray:  # nn.Linear (out, in) -> Dense kernel (in, out)
+    return w.T
+
+
+def conv2d_weight(w: np.ndarray) -> np.ndarray:  # nn.Conv2d OIHW -> Conv kernel HWIO
+    return w.transpose(2, 3, 1, 0)
+
+
+def dinov2_key_table(cfg) -> list[tuple[str, str, Rule, tuple[int, ...]]]:
+    """(torch key, flax path, rule, torch shape) for every entry of the state dict of ``cfg``."""
+    d, hid, p, c = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), cfg.patch_size, cfg.in_chans
+    n_pos = (cfg.img_size // p) ** 2 + 1
+    t = [
+        ("cls_token", "cls_token", keep, (1, 1, d)),
+        ("pos_embed", "pos_embed", keep, (1, n_pos, d)),
+        ("mask_token", "mask_token", keep, (1, d)),
+        ("patch_embed.proj.weight", "patch_embed/proj/kernel", conv2d_weight, (d, c, p, p)),
+        ("patch_embed.proj.bias", "patch_embed/proj/bias", keep, (d,)),
+        ("norm.weight", "norm/scale", keep, (d,)),
+        ("norm.bias", "norm/bias", keep, (d,)),
+    ]
+    if cfg.num_register_tokens:
+        t.append(("register_tokens", "register_tokens", keep, (1, cfg.num_register_tokens, d)))
+    for i in range(cfg.depth):
+        s, f = f"blocks.{i}.", f"blocks_{i}/"
+        t += [
+            (s + "norm1.weight", f + "norm1/scale", keep, (d,)),
+            (s + "norm1.bias", f + "norm1/bias", keep, (d,)),
+            (s + "attn.qkv.weight", f + "attn/qkv/kernel", linear_weight, (3 * d, d)),
+            (s + "attn.proj.weight", f + "attn/proj/kernel", linear_weight, (d, d)),
+            (s + "norm2.weight", f + "norm2/scale", keep, (d,)),
+            (s + "norm2.bias", f + "norm2/bias", keep, (d,)),
+            (s + "mlp.fc1.weight", f + "mlp/fc1/kernel", linear_weight, (hid, d)),
+            (s + "mlp.fc2.weight", f + "mlp/fc2/kernel", linear_weight, (d, hid)),
+        ]
+        if cfg.qkv_bias:
+            t.append((s + "attn.qkv.bias", f + "attn/qkv/bias", keep, (3 * d,)))
+        if cfg.proj_bias:
+            t.append((s + "attn.proj.bias", f + "attn/proj/bias", keep, (d,)))
+        if cfg.ffn_bias:
+            t += [(s + "mlp.fc1.bias", f + "mlp/fc1/bias", keep, (hid,)),
+                  (s + "mlp.fc2.bias", f + "mlp/fc2/bias", keep, (d,))]
+        if cfg.layerscale:
+            t += [(s + "ls1.gamma", f + "ls1/gamma", keep, (d,)),
+                  (s + "ls2.gamma", f + "ls2/gamma", keep, (d,))]
+    return t
+
+
+class ConversionError(ValueError):
+    """A state dict does not match the expected architecture; the message names every bad key."""
+
+
+def convert_dinov2_state_dict(sd: dict[str, np.ndarray], cfg) -> dict:
+    """PyTorch state dict (numpy arrays) -> nested Flax params (float32) for ``DinoVisionTransformer(cfg)``."""
+    table = dinov2_key_table(cfg)
+    expected = {k: shape for k, _, _, shape in table}
+    problems = [f"missing: {k} {expected[k]}" for k in expected if k not in sd]
+    problems += [f"unexpected: {k} {tuple(np.shape(sd[k]))}" for k in sd if k not in expected]
+    for k, shape in expected.items():
+        if k not in sd:
+            continue
+        a = sd[k]
+        if tuple(a.shape) != shape:
+            problems.append(f"shape: {k} is {tuple(a.shape)}, expected {shape}")
+        elif not np.issubdtype(np.asarray(a).dtype, np.floating):
+            problems.append(f"dtype: {k} is {np.asarray(a).dtype}, expected a floating type")
+    if problems:
+        raise ConversionError(f"DINOv2 state dict does not match the config ({len(problems)} problems):\n  "
+                              + "\n  ".join(problems))
+    params: dict = {}
+    for tkey, fpath, rule, _ in table:
+        node = params
+        *parents, leaf = fpath.split("/")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = np.ascontiguousarray(rule(np.asarray(sd[tkey], np.float32)))
+    return params
+
+
+def load_dinov2_pth(path: str) -> dict[str, np.ndarray]:
+    """Read a DINOv2 ``.pth`` state dict safely (``torch.load(weights_only=True)``) as float32 numpy arrays."""
+    try:
+        import torch  # lazy: only this reader needs torch
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs PyTorch (pip install torch); "
+                          "converted safetensors load without it") from e
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConversionError(f"{path}: expected a flat state dict of tensors (the hub's *_pretrain.pth)")
+    return {k: v.detach().to(torch.float32).numpy() for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Converted-directory format: params.safetensors ('/'-joined keys) + config.json + manifest.json
+# ----------------------------------------------------------------------------------------------------
+
+PARAMS_FILE, CONFIG_FILE, MANIFEST_FILE = "params.safetensors", "config.json", "manifest.json"
+
+
+def flatten_params(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    flat = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            flat.update(flatten_params(v, f"{prefix}{k}/"))
+        else:
+            flat[f"{prefix}{k}"] = np.asarray(v)
+    return flat
+
+
+def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
+    params: dict = {}
+    for key, v in flat.items():
+        node = params
+        *parents, leaf = key.split("/")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = v
+    return params
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert_dinov2_file(src: str, dst: str, cfg) -> dict:
+    """Convert a ``.pth`` into ``dst/`` (params, config, manifest); returns the nested params."""
+    from safetensors.numpy import save_file
+
+    params = convert_dinov2_state_dict(load_dinov2_pth(src), cfg)
+    flat = flatten_params(params)
+    os.makedirs(dst, exist_ok=True)
+    save_file(flat, os.path.join(dst, PARAMS_FILE))
+    with open(os.path.join(dst, CONFIG_FILE), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    manifest = {
+        "model": "dinov2",
+        "source": os.path.basename(src),
+        "source_sha256": sha256_file(src),
+        "num_params": int(sum(a.size for a in flat.values())),
+        "tensors": [{"name": k, "shape": list(a.shape), "dtype": str(a.dtype)} for k, a in sorted(flat.items())],
+    }
+    with open(os.path.join(dst, MANIFEST_FILE), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return params
+
+
+def load_converted_dinov2(path: str) -> tuple[dict, dict]:
+    """Read a converted directory -> (config dict, nested float32 params), checked against its manifest."""
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        config = json.load(f)
+    with open(os.path.join(path, MANIFEST_FILE)) as f:
+        manifest = json.load(f)
+    flat = load_file(os.path.join(path, PARAMS_FILE))
+    listed = {t["name"]: (tuple(t["shape"]), t["dtype"]) for t in manifest["tensors"]}
+    found = {k: (tuple(a.shape), str(a.dtype)) for k, a in flat.items()}
+    if listed != found:
+        bad = sorted(k for k in set(listed) | set(found) if listed.get(k) != found.get(k))
+        raise ConversionError(f"{path}: {PARAMS_FILE} does not match {MANIFEST_FILE} at {bad}")
+    return config, unflatten_params(flat)
