@@ -1,0 +1,1 @@
+"""Training data: DSO-style (condition, stable latent, unstable latent) pairs."""
