@@ -1,0 +1,159 @@
+"""Every config key of dso_jax training, declared once.
+
+``dro.py``, ``dpo.py`` and ``sft.py`` start from :func:`get_config` and change values only; the
+``:tiny`` variant (:func:`apply_tiny`) shrinks the model and data so the trainer runs on a CPU.
+Defaults are DSO's (``dso.md`` §4): AdamW lr 5e-6, wd 0.01, 2000 warmup steps then constant,
+grad clip 1.0, 6 pairs x 2 accumulation per device, LoRA r 64 / alpha 128, logit-normal t (1, 1).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import ml_collections
+
+# TRELLIS's released ``ckpts/ss_flow_img_dit_L_16l8_fp16.json`` args (trellis.md §2.1).
+TRELLIS_SS_FLOW_ARGS = dict(
+    resolution=16,
+    in_channels=8,
+    model_channels=1024,
+    cond_channels=1024,
+    out_channels=8,
+    num_blocks=24,
+    num_heads=16,
+    mlp_ratio=4,
+    patch_size=1,
+    pe_mode="ape",
+    qk_rms_norm=True,
+    use_fp16=True,
+)
+DINO_TOKENS = 1374  # 1 CLS + 4 registers + 37 x 37 patches
+
+
+def _physics_defaults() -> ml_collections.ConfigDict:
+    """The physics engineer's ``default_sim_config()`` when that module exists, else an empty dict.
+
+    Looked up when a config is built (never at import), so configs load without the physics stack.
+    """
+    if importlib.util.find_spec("dso_jax.physics") is None or importlib.util.find_spec("dso_jax.physics.rollout") is None:
+        return ml_collections.ConfigDict()
+    rollout = importlib.import_module("dso_jax.physics.rollout")
+    if not hasattr(rollout, "default_sim_config"):
+        return ml_collections.ConfigDict()
+    return ml_collections.ConfigDict(rollout.default_sim_config())
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The full key set with DSO's DRO values; the loss configs override what differs."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mode = "offline"  # 'offline': labelled pairs from a dataset (DSO); 'online': in-step simulator (issue 5)
+    c.loss = "dro"  # 'dro' | 'dpo' | 'sft'
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "SparseStructureFlowModel"  # TRELLIS class name
+    c.model.args = ml_collections.ConfigDict(TRELLIS_SS_FLOW_ARGS)
+    c.model.path = ""  # '' = random init; else a converted folder or TRELLIS prefix for dso_jax.models.load_pretrained
+    c.model.compute_dtype = "auto"  # 'auto' (bf16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16'
+    c.model.remat = False  # rematerialise each block in the backward pass (TRELLIS's use_checkpoint)
+    c.model.attn_impl = "auto"  # 'auto' | 'xla' | 'cudnn'
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 64
+    c.lora.alpha = 128.0
+    c.lora.targets = ("to_q", "to_kv", "to_out", "to_qkv")
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 5e-6
+    c.optim.warmup_steps = 2000  # linear 0 -> lr over this many optimizer steps, then constant
+    c.optim.weight_decay = 0.01  # AdamW (decoupled), on the LoRA overlay only
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0  # global norm; 0 disables
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 4000  # optimizer steps
+    c.train.batch_size = 6  # pairs per device per micro-batch
+    c.train.grad_accum = 2  # micro-batches per optimizer step
+    c.train.log_every = 10
+    c.train.ckpt_every = 500
+    c.train.keep_ckpts = 3
+    c.train.eval_every = 0  # 0 = never (evaluation arrives with the online issue)
+    c.train.peft_export = "full"  # beside each checkpoint: 'full' (DSO-style state dict) | 'lora' | 'none'
+
+    c.flow = ml_collections.ConfigDict()
+    c.flow.t_mu = 1.0
+    c.flow.t_sigma = 1.0
+
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.beta = 500.0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "tfds"  # 'tfds': a dataset built by dso_jax.data.tfds_dso | 'synthetic': made in the workdir
+    c.data.path = ""  # the TFDS dataset directory (or its data_dir)
+    c.data.stable_threshold = 20.0  # degrees; stable iff angle < threshold (DSO's training label)
+    c.data.prefetch = 2  # batches loaded ahead by a host thread
+    c.data.workers = 4  # host threads reading records
+    c.data.synthetic = ml_collections.ConfigDict()
+    c.data.synthetic.num_objects = 16
+    c.data.synthetic.views_per_object = 2
+    c.data.synthetic.latents_per_view = 4
+    c.data.synthetic.cond_len = DINO_TOKENS
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 = all devices not used by the other axis
+    c.mesh.fsdp = 1
+    c.mesh.distributed = False  # call jax.distributed.initialize() (multi-host)
+
+    # Placeholders for the online issue, declared here so each key exists once.
+    c.sampler = ml_collections.ConfigDict()
+    c.sampler.steps = 12
+    c.sampler.cfg_strength = 7.5
+    c.sampler.cfg_interval = (0.5, 1.0)
+    c.sampler.rescale_t = 3.0
+
+    c.online = ml_collections.ConfigDict()
+    c.online.num_candidates = 4  # samples drawn per condition before labelling
+    c.online.updates_per_sample = 1  # optimizer steps per sampling round
+
+    c.physics = _physics_defaults()
+    return c
+
+
+def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A CPU-sized run: tiny DiT, synthetic data, a few dozen steps, a larger lr so the loss moves."""
+    c.model.args = ml_collections.ConfigDict(
+        dict(TRELLIS_SS_FLOW_ARGS, resolution=8, model_channels=32, cond_channels=16, num_blocks=2, num_heads=2, use_fp16=False)
+    )
+    c.model.compute_dtype = "float32"
+    c.lora.rank = 4
+    c.lora.alpha = 8.0
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 5
+    c.train.steps = 40
+    c.train.batch_size = 4
+    c.train.grad_accum = 2
+    c.train.log_every = 5
+    c.train.ckpt_every = 10
+    c.train.keep_ckpts = 2
+    c.train.peft_export = "lora"
+    c.data.kind = "synthetic"
+    c.data.workers = 2
+    c.data.synthetic.num_objects = 8
+    c.data.synthetic.views_per_object = 2
+    c.data.synthetic.latents_per_view = 3
+    c.data.synthetic.cond_len = 8
+    return c
+
+
+def finalize(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Apply the ``:arg`` variants (comma-separated) and lock the key set."""
+    for variant in [a for a in (arg or "").split(",") if a]:
+        if variant == "tiny":
+            apply_tiny(c)
+        else:
+            raise ValueError(f"unknown config variant {variant!r} (known: 'tiny')")
+    c.lock()
+    return c
