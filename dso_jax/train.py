@@ -1,0 +1,344 @@
+"""LoRA fine-tuning of TRELLIS's stage-1 flow model with DSO's objectives (DRO / DPO / SFT).
+
+``train_and_evaluate(config, workdir)`` runs top to bottom: setup, model, optimizer and state
+(restored from the workdir when a checkpoint exists), label source, the jitted step, the loop.
+
+One optimizer step = ``train.grad_accum`` micro-batches of ``train.batch_size`` pairs per device,
+split over every device of the ('data', 'fsdp') mesh; the gradient is the mean over all pairs.
+The only trainable (and optimizer) pytree is the LoRA overlay; the frozen base weights are an
+argument of the step. Randomness is ``fold_in(key, step)`` and the pairs of step ``s`` depend only
+on ``(seed, s)``, so a resumed run replays an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator, Protocol
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from dso_jax import checkpoint, lora, losses, sharding
+from dso_jax.data import dso_pairs, synthetic, tfds_dso
+from dso_jax.models import pretrained
+
+
+# ------------------------------------------------------------------------------------------------
+# State and step
+# ------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # () int32: optimizer steps done
+    overlay: lora.Overlay  # the trainable LoRA factors
+    opt_state: Any
+    rng: jax.Array  # (2,) uint32 raw key data of the run's base key
+
+
+def compute_dtype(name: str):
+    """'auto' -> bfloat16 on an accelerator, float32 on the CPU."""
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"model.compute_dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
+    return jnp.dtype(name)
+
+
+def lr_schedule(optim_cfg) -> optax.Schedule:
+    """Linear 0 -> lr over ``warmup_steps`` optimizer steps, then constant (diffusers constant_with_warmup)."""
+    if optim_cfg.warmup_steps <= 0:
+        return optax.constant_schedule(optim_cfg.lr)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, optim_cfg.lr, optim_cfg.warmup_steps), optax.constant_schedule(optim_cfg.lr)],
+        [optim_cfg.warmup_steps],
+    )
+
+
+def make_optimizer(optim_cfg) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (decoupled decay, as torch.optim.AdamW) on the overlay."""
+    adamw = optax.adamw(
+        lr_schedule(optim_cfg), b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay
+    )
+    if optim_cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw)
+    return adamw
+
+
+def make_train_step(apply_fn: Callable, loss_fn: Callable, tx: optax.GradientTransformation, config) -> Callable:
+    """The pure step ``train_step(state, batch, base) -> (state, metrics)``.
+
+    ``batch`` arrays are (A, B, ...): A micro-batches accumulated in a ``lax.scan``. ``base`` is the
+    frozen parameter tree (an argument, never optimizer state). Metrics are means over the step.
+    """
+    schedule = lr_schedule(config.optim)
+
+    def train_step(state: TrainState, batch: dict, base) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        grad_fn = jax.value_and_grad(lambda ov, mb, key: loss_fn(apply_fn, base, ov, mb, key, config), has_aux=True)
+        zeros = jax.tree.map(jnp.zeros_like, state.overlay)
+
+        def micro(grads, xs):
+            i, mb = xs
+            (_, metrics), g = grad_fn(state.overlay, mb, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, grads, g), metrics
+
+        n = jax.tree.leaves(batch)[0].shape[0]
+        grads, metrics = jax.lax.scan(micro, zeros, (jnp.arange(n), batch))
+        grads = jax.tree.map(lambda g: g / n, grads)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        updates, opt_state = tx.update(grads, state.opt_state, state.overlay)
+        overlay = optax.apply_updates(state.overlay, updates)
+        metrics.update(grad_norm=optax.global_norm(grads), update_norm=optax.global_norm(updates), lr=schedule(state.step))
+        return state.replace(step=state.step + 1, overlay=overlay, opt_state=opt_state), metrics
+
+    return train_step
+
+
+# ------------------------------------------------------------------------------------------------
+# Label sources
+# ------------------------------------------------------------------------------------------------
+
+
+class LabelSource(Protocol):
+    """Where (cond, winner, loser) come from: a dataset now, the in-step simulator later (issue 5)."""
+
+    def iterate(self, start: int, stop: int, prefetch: int) -> Iterator[tuple[int, dict]]:
+        """``(step, host batch)`` for each step in [start, stop); batches (A, B_local, ...)."""
+
+    def close(self) -> None: ...
+
+
+def make_label_source(config, workdir: str, global_batch: int) -> LabelSource:
+    if config.mode == "online":
+        raise NotImplementedError("train: mode='online' (labels from the in-step simulator) is not implemented yet; see issue 5")
+    if config.mode != "offline":
+        raise ValueError(f"config.mode must be 'offline' or 'online', got {config.mode!r}")
+    args = config.model.args
+    path = config.data.path
+    if config.data.kind == "synthetic":
+        path = path or os.path.join(workdir, "data")
+        if jax.process_index() == 0:
+            try:
+                tfds_dso.find_dataset_dir(path)
+            except FileNotFoundError:
+                synthetic.write_tfds(path, synthetic.records_from_config(config.data, args, config.seed))
+        _sync("synthetic_data")
+    elif config.data.kind != "tfds":
+        raise ValueError(f"data.kind must be 'tfds' or 'synthetic', got {config.data.kind!r}")
+    elif not path:
+        raise ValueError("data.path is empty; set --config.data.path=<dataset dir> or data.kind='synthetic'")
+    return dso_pairs.PairSource(
+        path,
+        threshold=config.data.stable_threshold,
+        seed=config.seed,
+        global_batch=global_batch,
+        grad_accum=config.train.grad_accum,
+        cond_channels=args.cond_channels,
+        latent_shape=(args.in_channels,) + (args.resolution,) * 3,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        workers=config.data.workers,
+    )
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host-side metrics
+# ------------------------------------------------------------------------------------------------
+
+
+class MetricWriter:
+    """TensorBoard event files and ``metrics.jsonl`` (process 0), interval means, the NaN/Inf guard."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.writer = self.jsonl = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.sums: dict = {}
+        self.count = 0
+        self.last: dict = {}
+
+    def add(self, step: int, metrics: dict) -> None:
+        """Check and accumulate the metrics of the update that brought the run to ``step``."""
+        metrics = {k: float(v) for k, v in metrics.items()}
+        bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"step {step}: non-finite {', '.join(f'{k}={metrics[k]}' for k in bad)}; stopping")
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        self.last = metrics
+
+    def flush(self, step: int, extra: dict) -> dict:
+        means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        means.update(extra)
+        if self.writer is not None:
+            for k, v in means.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+            self.writer.flush()
+            self.jsonl.write(json.dumps({"step": step, **means}) + "\n")
+            self.jsonl.flush()
+        self.sums, self.count = {}, 0
+        return means
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.jsonl.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train (resuming from ``workdir`` when it holds a checkpoint); returns the last logged metrics."""
+    # --- Setup -----------------------------------------------------------------------------------
+    sharding.maybe_initialize_distributed(config.mesh)
+    is_main = jax.process_index() == 0
+    workdir = os.path.abspath(workdir)
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        _save_config(config, workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    shards = sharding.num_batch_shards(mesh)
+    global_batch = config.train.batch_size * shards
+    if config.loss not in losses.LOSSES:
+        raise ValueError(f"config.loss must be one of {sorted(losses.LOSSES)}, got {config.loss!r}")
+    logging.info("mesh %s; %d pairs per step (%d per device x %d accumulation x %d devices)",
+                 dict(mesh.shape), global_batch * config.train.grad_accum, config.train.batch_size, config.train.grad_accum, shards)
+
+    # --- Model: shapes first, then materialise sharded -------------------------------------------
+    dtype = compute_dtype(config.model.compute_dtype)
+    args = dict(config.model.args.to_dict(), use_checkpoint=config.model.remat)
+    module = pretrained.model_from_config(config.model.name, args, dtype=dtype).clone(attn_impl=config.model.attn_impl)
+    apply_fn = pretrained.make_apply_fn(module)
+    abstract_base = pretrained.abstract_params(module)
+    base_shardings = sharding.param_shardings(abstract_base, mesh)
+    root_key = jax.random.key(config.seed)
+    if config.model.path:
+        _, loaded = pretrained.load_pretrained(config.model.path, dtype=dtype)
+        jax.tree.map(lambda a, b: _check_shape(a, b, config.model.path), loaded, abstract_base)
+        base = jax.device_put(loaded, base_shardings)
+        del loaded
+    else:
+        inputs = pretrained.example_inputs(module, cond_len=1)
+        init = lambda key: module.init(key, *inputs)["params"]
+        base = jax.jit(init, out_shardings=base_shardings)(jax.random.fold_in(root_key, 0))
+
+    # --- Optimizer and state: init or restore ----------------------------------------------------
+    tx = make_optimizer(config.optim)
+
+    def init_state(key):
+        overlay = lora.init_overlay(key, abstract_base, rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets))
+        return TrainState(step=jnp.zeros((), jnp.int32), overlay=overlay, opt_state=tx.init(overlay),
+                          rng=jax.random.key_data(jax.random.fold_in(root_key, 2)))
+
+    abstract_state = jax.eval_shape(init_state, jax.random.fold_in(root_key, 1))
+    state_shardings = sharding.param_shardings(abstract_state, mesh)
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_ckpts, peft_export=config.train.peft_export)
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(sharding.with_shardings(abstract_state, state_shardings))
+        if int(meta["data_position"]) != int(state.step):
+            raise ValueError(f"{ckpt.directory}: data position {meta['data_position']} != step {int(state.step)}")
+        logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+    else:
+        state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.fold_in(root_key, 1))
+    start = int(state.step)
+    total = config.train.steps
+    logging.info("LoRA overlay: %d trainable parameters", lora.count(abstract_state.overlay))
+
+    # --- Label source -----------------------------------------------------------------------------
+    source = make_label_source(config, workdir, global_batch)
+
+    # --- The jitted step ---------------------------------------------------------------------------
+    step_fn = jax.jit(
+        make_train_step(apply_fn, losses.LOSSES[config.loss], tx, config),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh, batch_axis=1), base_shardings),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+    # --- Loop ----------------------------------------------------------------------------------------
+    writer = MetricWriter(workdir, enabled=is_main)
+    pbar = tqdm.tqdm(total=total, initial=start, unit="step", disable=not is_main, dynamic_ncols=True)
+    pending: list = []  # (step, device metrics): read one step late so the host never stalls the device
+    summary: dict = {}
+    t_log, steps_since_log = time.perf_counter(), 0
+
+    def drain(keep: int) -> None:
+        nonlocal summary, t_log, steps_since_log
+        while len(pending) > keep:
+            done, m = pending.pop(0)
+            writer.add(done, jax.device_get(m))
+            pbar.update(1)
+            steps_since_log += 1
+            pbar.set_postfix(loss=f"{writer.last['loss']:.4g}", lr=f"{writer.last['lr']:.3g}", refresh=False)
+            if done % config.train.log_every == 0 or done == total:
+                dt = time.perf_counter() - t_log
+                rate = steps_since_log / max(dt, 1e-9)
+                summary = writer.flush(done, {"steps_per_sec": rate, "pairs_per_sec": rate * global_batch * config.train.grad_accum})
+                t_log, steps_since_log = time.perf_counter(), 0
+
+    try:
+        for step, host_batch in source.iterate(start, total, config.data.prefetch):
+            batch = sharding.host_to_global(host_batch, mesh, batch_axis=1)
+            state, metrics = step_fn(state, batch, base)
+            done = step + 1
+            pending.append((done, metrics))
+            if done % config.train.ckpt_every == 0 or done == total:
+                drain(keep=0)  # never checkpoint a state whose metrics were not checked
+                ckpt.save(done, state, {"step": done, "data_position": done, "loss": config.loss, "seed": config.seed})
+                ckpt.export_peft(done, base, state.overlay)
+            else:
+                drain(keep=1)
+        drain(keep=0)
+    finally:
+        pbar.close()
+        ckpt.close()
+        writer.close()
+        source.close()
+
+    if is_main and summary:
+        print("\nfinal metrics (mean over the last log interval):")
+        for k in sorted(summary):
+            print(f"  {k:18s} {summary[k]:.6g}")
+    return summary
+
+
+def _check_shape(loaded, abstract, path):
+    if tuple(loaded.shape) != tuple(abstract.shape):
+        raise ValueError(f"model.path {path}: parameter shape {tuple(loaded.shape)} != model {tuple(abstract.shape)}")
+
+
+def _save_config(config, workdir: str) -> None:
+    """``config.json`` in the workdir; a resumed run with a different config keeps the old one aside."""
+    path = os.path.join(workdir, "config.json")
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old != text:
+            logging.warning("config differs from %s; the previous one is kept as config.previous.json", path)
+            os.replace(path, os.path.join(workdir, "config.previous.json"))
+    with open(path, "w") as f:
+        f.write(text)
