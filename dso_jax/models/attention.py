@@ -63,6 +63,32 @@ def apply_rope(x, phases):
     return jnp.stack([re, im], axis=-1).reshape(b, l, h, d).astype(x.dtype)
 
 
+class FusedProjection(nn.Module):
+    """One Linear ``C -> n C`` (PyTorch's fused ``to_qkv``) applied as n contiguous projections.
+
+    The parameters are exactly ``nn.Dense``'s (``kernel`` (C, n C), ``bias`` (n C,)); computing each
+    slice separately gives contiguous (B, L, C) outputs, so no strided copies precede attention.
+    """
+
+    features: int
+    num: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # (B, L, Cin) -> num x (B, L, features)
+        n = self.num * self.features
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], n), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (n,), jnp.float32) if self.use_bias else None
+        x = x.astype(self.dtype)
+        outs = []
+        for s in range(self.num):
+            sl = slice(s * self.features, (s + 1) * self.features)
+            y = jnp.einsum("...c,cf->...f", x, kernel[:, sl].astype(self.dtype))
+            outs.append(y + bias[sl].astype(self.dtype) if bias is not None else y)
+        return outs
+
+
 class MultiHeadAttention(nn.Module):
     """Self (``to_qkv``) or cross (``to_q`` + ``to_kv``) attention followed by ``to_out``.
 
@@ -86,8 +112,8 @@ class MultiHeadAttention(nn.Module):
         heads, head_dim = self.num_heads, self.channels // self.num_heads
         dense = lambda n, name, bias=self.qkv_bias: nn.Dense(n, use_bias=bias, dtype=self.dtype, name=name)
         if self.type == "self":
-            qkv = dense(3 * self.channels, "to_qkv")(x).reshape(b, l, 3, heads, head_dim)
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            q, k, v = FusedProjection(self.channels, 3, self.qkv_bias, self.dtype, name="to_qkv")(x)
+            q, k, v = (y.reshape(b, l, heads, head_dim) for y in (q, k, v))
             if self.use_rope:
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
         elif self.type == "cross":

@@ -148,3 +148,20 @@ def unpatchify(x, patch_size: int):
     x = x.reshape(b, c, p, p, p, *spatial)
     x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4)
     return x.reshape(b, c, spatial[0] * p, spatial[1] * p, spatial[2] * p)
+
+
+def cast_block_weights(params, dtype):
+    """Cast the Linear/Conv kernels and biases inside ``blocks_*``/``middle_block_*`` to ``dtype``.
+
+    Mirrors TRELLIS's fp16 torso (norm scales and RMS gammas stay float32). For inference and
+    sampling: the per-call float32 -> bf16 weight conversion then happens once, not every forward.
+    """
+
+    def cast(path, leaf):
+        names = [getattr(k, "key", str(k)) for k in path]
+        in_torso = any(n.startswith(("blocks_", "middle_block_")) for n in names)
+        if in_torso and names[-1] in ("kernel", "bias") and not any(n.startswith("norm") for n in names):
+            return leaf.astype(dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)
