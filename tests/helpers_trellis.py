@@ -1,0 +1,129 @@
+"""Random-weight TRELLIS-format checkpoints at the released dtypes (numpy only; no torch needed).
+
+As a script, writes a TRELLIS model folder like the released one (``pipeline.json`` +
+``ckpts/ss_flow_img_dit_L_16l8_fp16.{json,safetensors}`` + ``ckpts/ss_dec_conv3d_16l8_fp16.{json,safetensors}``)::
+
+    python tests/helpers_trellis.py --out DIR              # tiny args (tests)
+    python tests/helpers_trellis.py --out DIR --released   # the exact released architectures (~1.3 GB)
+
+Names, shapes and dtypes come from the key tables in ``dso_jax.convert.trellis`` (fp16 block
+Linears / torso Convs, fp32 elsewhere); the ``pos_emb`` buffer is computed here from the reference
+formula (``trellis.md`` §2.4), independently of the Flax port. Every tensor is random and
+non-trivial (no zero-initialised adaLN / output layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root when run as a script
+
+from dso_jax.convert import trellis  # noqa: E402
+from dso_jax.convert.rules import BUFFER  # noqa: E402
+
+FLOW_NAME, DECODER_NAME = "ss_flow_img_dit_L_16l8_fp16", "ss_dec_conv3d_16l8_fp16"
+
+# trellis.md §2.1 and §3.1 (the released ckpts/*.json args).
+RELEASED_FLOW_ARGS = dict(resolution=16, in_channels=8, out_channels=8, model_channels=1024, cond_channels=1024,
+                          num_blocks=24, num_heads=16, mlp_ratio=4, patch_size=1, pe_mode="ape", qk_rms_norm=True, use_fp16=True)
+RELEASED_DECODER_ARGS = dict(out_channels=1, latent_channels=8, num_res_blocks=2, num_res_blocks_middle=2,
+                             channels=[512, 128, 32], use_fp16=True)
+# The released architectures at toy width: same options, fp16 torso, patch 2 to exercise patchify.
+TINY_FLOW_ARGS = dict(resolution=8, in_channels=4, out_channels=4, model_channels=64, cond_channels=32,
+                      num_blocks=2, num_heads=4, mlp_ratio=4, patch_size=2, pe_mode="ape", qk_rms_norm=True, use_fp16=True)
+TINY_DECODER_ARGS = dict(out_channels=1, latent_channels=4, num_res_blocks=1, num_res_blocks_middle=1,
+                         channels=[32, 16, 8], use_fp16=True)
+
+# trellis.md §1.1 (pipeline.json); the stage-2 entries are listed but not written here.
+PIPELINE = {
+    "name": "TrellisImageTo3DPipeline",
+    "args": {
+        "models": {
+            "sparse_structure_decoder": f"ckpts/{DECODER_NAME}",
+            "sparse_structure_flow_model": f"ckpts/{FLOW_NAME}",
+            "slat_decoder_gs": "ckpts/slat_dec_gs_swin8_B_64l8gs32_fp16",
+            "slat_decoder_rf": "ckpts/slat_dec_rf_swin8_B_64l8r16_fp16",
+            "slat_decoder_mesh": "ckpts/slat_dec_mesh_swin8_B_64l8m256c_fp16",
+            "slat_flow_model": "ckpts/slat_flow_img_dit_L_64l8p2_fp16",
+        },
+        "sparse_structure_sampler": {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": 1e-5},
+                                     "params": {"steps": 25, "cfg_strength": 5.0, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0}},
+        "slat_sampler": {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": 1e-5},
+                         "params": {"steps": 25, "cfg_strength": 5.0, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0}},
+        "image_cond_model": "dinov2_vitl14_reg",
+    },
+}
+
+
+def reference_pos_emb(resolution: int, channels: int) -> np.ndarray:
+    """trellis.md §2.4 in float32: per axis x, y, z: [sin(c v), cos(c v)], v_j = 10000^(-j/f), zero padded."""
+    f = channels // 3 // 2
+    nu = (1.0 / (np.float32(10000.0) ** (np.arange(f, dtype=np.float32) / np.float32(f)))).astype(np.float32)
+    c = np.stack(np.meshgrid(*[np.arange(resolution)] * 3, indexing="ij"), -1).reshape(-1, 3).astype(np.float32)
+    ang = (c[:, :, None] * nu[None, None, :]).astype(np.float32)  # (N, 3, f)
+    emb = np.concatenate([np.sin(ang), np.cos(ang)], axis=-1).reshape(len(c), 6 * f)
+    return np.pad(emb, ((0, 0), (0, channels - 6 * f))).astype(np.float32)
+
+
+def random_state_dict(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """A state dict of the json ``config`` with random values, stored at the released dtypes."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for e in trellis.key_table(config):
+        leaf = e.torch_key.rsplit(".", 1)[-1]
+        if e.kind == BUFFER:  # pos_emb
+            a = trellis.full_args(config["name"], config["args"])
+            w = reference_pos_emb(a["resolution"] // a["patch_size"], a["model_channels"])
+        elif leaf == "weight" and e.kind in ("linear", "conv3d"):
+            w = rng.standard_normal(e.shape, np.float32) / np.float32(np.sqrt(np.prod(e.shape[1:])))  # 1/sqrt(fan_in)
+        elif leaf == "bias":
+            w = 0.1 * rng.standard_normal(e.shape, np.float32)
+        else:  # norm scales, rms gamma
+            w = 1.0 + 0.1 * rng.standard_normal(e.shape, np.float32)
+        out[e.torch_key] = np.ascontiguousarray(w.astype(e.released))
+    return out
+
+
+def write_checkpoint(prefix: str, config: dict, state_dict: dict) -> str:
+    from safetensors.numpy import save_file
+
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+    with open(prefix + ".json", "w") as f:
+        json.dump(config, f, indent=4)
+    save_file(state_dict, prefix + ".safetensors")
+    return prefix
+
+
+def write_trellis_folder(out: str, flow_args: dict = TINY_FLOW_ARGS, decoder_args: dict = TINY_DECODER_ARGS,
+                         seed: int = 0) -> dict[str, str]:
+    """Write ``out/pipeline.json`` and both stage-1 checkpoints; returns {model name: prefix}."""
+    os.makedirs(os.path.join(out, "ckpts"), exist_ok=True)
+    with open(os.path.join(out, "pipeline.json"), "w") as f:
+        json.dump(PIPELINE, f, indent=4)
+    prefixes = {}
+    for i, (name, cls, args) in enumerate(((FLOW_NAME, trellis.FLOW, flow_args), (DECODER_NAME, trellis.DECODER, decoder_args))):
+        config = {"name": cls, "args": dict(args)}
+        prefixes[name] = write_checkpoint(os.path.join(out, "ckpts", name), config, random_state_dict(config, seed + i))
+    return prefixes
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Write a TRELLIS-format folder of random stage-1 checkpoints.")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--released", action="store_true", help="the released architectures (default: tiny)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    flow, dec = (RELEASED_FLOW_ARGS, RELEASED_DECODER_ARGS) if args.released else (TINY_FLOW_ARGS, TINY_DECODER_ARGS)
+    for name, prefix in write_trellis_folder(args.out, flow, dec, args.seed).items():
+        size = os.path.getsize(prefix + ".safetensors")
+        print(f"wrote {prefix}.{{json,safetensors}} ({size:,} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
