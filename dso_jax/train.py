@@ -97,10 +97,14 @@ def make_train_step(apply_fn: Callable, loss_fn: Callable, tx: optax.GradientTra
         metrics = jax.tree.map(jnp.mean, metrics)
         updates, opt_state = tx.update(grads, state.opt_state, state.overlay)
         overlay = optax.apply_updates(state.overlay, updates)
-        metrics.update(grad_norm=optax.global_norm(grads), update_norm=optax.global_norm(updates), lr=schedule(state.step))
+        metrics.update(grad_norm=_global_norm(grads), update_norm=_global_norm(updates), lr=schedule(state.step))
         return state.replace(step=state.step + 1, overlay=overlay, opt_state=opt_state), metrics
 
     return train_step
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,12 +20,19 @@ def _command(workdir):
     return [sys.executable, os.path.join(REPO, "scripts", "train.py"), *ARGS, f"--workdir={workdir}"]
 
 
-def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("xla_cache"))
 
 
-def _run(workdir):
-    out = subprocess.run(_command(workdir), env=_env(), capture_output=True, text=True, timeout=300)
+def _env(cache_dir):
+    # The three runs share one persistent compilation cache: the step compiles once.
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=cache_dir,
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _run(workdir, cache_dir):
+    out = subprocess.run(_command(workdir), env=_env(cache_dir), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -35,9 +42,9 @@ def _final_overlay(workdir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, cache_dir):
     workdir = str(tmp_path_factory.mktemp("full"))
-    _run(workdir)
+    _run(workdir, cache_dir)
     return workdir
 
 
@@ -52,9 +59,9 @@ def test_tiny_dro_trains_and_the_loss_goes_down(uninterrupted):
     assert sorted(os.listdir(os.path.join(uninterrupted, "peft"))) == [f"step_{s:07d}.safetensors" for s in (25, 30)]
 
 
-def test_sigkill_then_rerun_ends_bit_identical(uninterrupted, tmp_path):
+def test_sigkill_then_rerun_ends_bit_identical(uninterrupted, cache_dir, tmp_path):
     workdir = str(tmp_path / "killed")
-    proc = subprocess.Popen(_command(workdir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_command(workdir), env=_env(cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_ckpt = os.path.join(workdir, "checkpoints", "5")
     deadline = time.time() + 240
     while not os.path.isdir(first_ckpt) and proc.poll() is None and time.time() < deadline:
@@ -64,7 +71,7 @@ def test_sigkill_then_rerun_ends_bit_identical(uninterrupted, tmp_path):
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert steps and steps[-1] < STEPS, f"the run was not killed mid-way (checkpoints {steps})"
 
-    out = _run(workdir)
+    out = _run(workdir, cache_dir)
     assert f"resumed from {workdir}/checkpoints at step {steps[-1]}" in out.stderr
     want, got = _final_overlay(uninterrupted), _final_overlay(workdir)
     assert sorted(want) == sorted(got)
