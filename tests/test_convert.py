@@ -337,15 +337,13 @@ def test_load_pretrained_output_matches_the_twin(src):
     assert np.max(np.abs(out - ref)) <= 1e-5 * np.max(np.abs(ref))
 
 
-def test_load_pretrained_dtypes_and_lora(src):
+def test_load_pretrained_dtypes(src):
     prefix = os.path.join(src, "ckpts", FLOW_NAME)
     apply_fn, params = load_pretrained(prefix)
     assert apply_fn.module.dtype == jnp.float32  # CPU default, even though the json says use_fp16
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     apply_fn, params = load_pretrained(prefix, dtype="bfloat16")
     assert apply_fn.module.dtype == jnp.bfloat16 and all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
-    with pytest.raises(NotImplementedError, match="LoRA"):
-        load_pretrained(prefix, lora="overlay")
 
 
 def test_load_pretrained_bad_paths(src, dst, tmp_path):
