@@ -1,10 +1,13 @@
 """TRELLIS -> Flax conversion: rules, key tables, released dtypes, strictness, files, CLI and loading."""
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ helpers and twins, whether or not tests/ is a package
+
 import hashlib
 import json
-import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp

@@ -8,6 +8,9 @@ widths (1024 channels, 16 heads, cond 1024) on an 8^3 token grid; the released 1
 """
 
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ helpers and twins, whether or not tests/ is a package
 
 import jax
 import jax.numpy as jnp

@@ -1,5 +1,10 @@
 """Pinned sizes of the released stage-1 architectures (``trellis.md`` §2.9, §3.3), from shapes only."""
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ helpers and twins, whether or not tests/ is a package
+
 import jax
 import numpy as np
 import pytest

@@ -6,6 +6,11 @@ the guided pair into one 2B call while the twin makes two calls, so agreement is
 max |diff| <= 1e-5 x max |sample| (measured below 1e-6).
 """
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ helpers and twins, whether or not tests/ is a package
+
 import jax
 import numpy as np
 import pytest
