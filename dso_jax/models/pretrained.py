@@ -130,10 +130,16 @@ def load_pretrained(path: str, *, dtype: Any = None, lora: Any = None, lora_alph
 
     ``dtype`` is the compute dtype of the transformer blocks / decoder torso (params stay float32);
     None picks float32 on CPU and bfloat16 on an accelerator when the json says ``use_fp16``.
+    ``lora`` (a peft / DSO safetensors file or state dict) is merged into the params with
+    ``lora_alpha`` (peft does not store alpha; DSO: 128); see ``dso_jax.lora.load_peft``.
     """
-    if lora is not None or lora_alpha is not None:
-        raise NotImplementedError("load_pretrained(lora=...) is not wired yet: LoRA overlays come from dso_jax.lora")
+    if (lora is None) != (lora_alpha is None):
+        raise ValueError("load_pretrained: pass lora and lora_alpha together (peft files do not store alpha; DSO used 128)")
     config, params = _load_params(path)
+    if lora is not None:
+        from dso_jax import lora as lora_overlay
+
+        params = lora_overlay.merge(params, lora_overlay.load_peft(lora, params, alpha=lora_alpha, targets=None))
     dtype = default_dtype(config["name"], config["args"]) if dtype is None else dtype
     module = model_from_config(config["name"], config["args"], dtype=dtype)
     return make_apply_fn(module), jax.tree.map(jnp.asarray, params)
