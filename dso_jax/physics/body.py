@@ -32,8 +32,9 @@ DENSITY = 1000.0  # MuJoCo's default geom density, as in DSO.
 
 
 def base_directions(num_base: int) -> np.ndarray:
-  """(num_base, 3) horizontal unit vectors at azimuths 2πj/num_base."""
-  a = 2 * np.pi * np.arange(num_base) / num_base
+  """(num_base, 3) horizontal unit vectors at azimuths 2π(j + ½)/num_base: off the grid axes, so the extreme
+  of a voxel footprint is a corner, not a tie along an edge."""
+  a = 2 * np.pi * (np.arange(num_base) + 0.5) / num_base
   return np.stack([np.cos(a), np.sin(a), np.zeros_like(a)], axis=1)
 
 
@@ -52,7 +53,7 @@ def num_points(cfg) -> int:
 
 
 def margin_directions(num: int) -> np.ndarray:
-  a = 2 * np.pi * (np.arange(num) + 0.5) / num
+  a = 2 * np.pi * np.arange(num) / num  # includes the grid axes, along which voxel footprints have edges
   return np.stack([np.cos(a), np.sin(a)], axis=1)
 
 
@@ -181,6 +182,12 @@ def occupancy_body(occ, cfg):
   h = 1.0 / d
   c = (jnp.arange(d, dtype=dtype) + 0.5) * h - 0.5  # (D,) voxel centres per axis
   w = occ.astype(dtype)
+  if cfg.boundary_weight != 1.0:
+    # The surface crosses the boundary voxels, on average through their centres: count them partly.
+    p = jnp.pad(occ, 1)
+    interior = (p[2:, 1:-1, 1:-1] & p[:-2, 1:-1, 1:-1] & p[1:-1, 2:, 1:-1] & p[1:-1, :-2, 1:-1]
+                & p[1:-1, 1:-1, 2:] & p[1:-1, 1:-1, :-2])
+    w = jnp.where(occ & ~interior, jnp.asarray(cfg.boundary_weight, dtype), w)
   n = w.sum()
   valid = n > 0
   ns = jnp.maximum(n, 1.0)
@@ -202,7 +209,6 @@ def occupancy_body(occ, cfg):
   k_low = jnp.argmax(occ, axis=2)  # (D, D) first occupied index along z
   k_min = jnp.min(jnp.where(col_any, k_low, d))
   k_min = jnp.where(valid, k_min, 0)
-  zmin = c[k_min] - 0.5 * h
   gx, gy = jnp.meshgrid(c, c, indexing="ij")
   cand = jnp.stack([gx, gy, c[k_low]], axis=-1).reshape(-1, 3)  # (D², 3) column-bottom voxel centres
   col_any = col_any.reshape(-1)
@@ -224,7 +230,7 @@ def occupancy_body(occ, cfg):
   reach = reach + off * jnp.abs(um).sum(axis=1)
   margin = jnp.min(reach - um @ com[:2])
   margin = jnp.where(valid, margin, -1.0)
-  mass = DENSITY * n * h**3
+  mass = DENSITY * n * h**3  # weighted voxel count
   return dict(com=com, inertia=inertia, iquat=iquat, points=points, zmin=zmin, margin=margin, mass=mass,
               valid=valid)
 

@@ -95,3 +95,53 @@ def chamfer_fscore(gen_vertices, gen_faces, gt_vertices, gt_faces, *, n_points: 
   fscore = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
   chamfer = float((d_gen.mean() + d_gt.mean()) / 2)
   return dict(chamfer=chamfer, fscore=fscore, precision=precision, recall=recall)
+
+
+MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
+
+
+def find_ground_truth(mesh_path: str, ground_truth_dir: str) -> str:
+  """DSO's lookup: object id = file name up to the first '-'; GT at DIR/*/{id}.glb (also DIR/{id}.<ext>)."""
+  import glob
+  import os
+
+  object_id = os.path.basename(mesh_path).split("-")[0].split(".")[0]
+  hits = []
+  for ext in MESH_EXTENSIONS:
+    hits += glob.glob(os.path.join(glob.escape(ground_truth_dir), "*", object_id + ext))
+    hits += glob.glob(os.path.join(glob.escape(ground_truth_dir), object_id + ext))
+  hits = sorted(set(hits))
+  if len(hits) != 1:
+    raise FileNotFoundError(f"ground truth for {object_id!r}: {len(hits)} matches under {ground_truth_dir}")
+  return hits[0]
+
+
+def evaluate_geometry_files(paths: list[str], ground_truth_dir: str, *, up_dir: str = "y", n_points: int = 10_000,
+                            tau: float = 0.05, seed: int = 0) -> list[dict]:
+  """Geometry metrics per generated mesh file -> {chamfer, fscore, precision, recall, ground_truth} or {error}.
+
+  up_dir follows DSO's geometry script: the ground truth is y-up; 'y' keeps the generated mesh as is and 'z'
+  swaps its y and z first.
+  """
+  from dso_jax.physics import mesh_io
+
+  if up_dir not in ("y", "z"):
+    raise ValueError(f"up_dir must be y or z for geometry, got {up_dir!r}")
+  results = []
+  for path in paths:
+    try:
+      gen_v, gen_f = mesh_io.load_mesh(path)
+      if len(gen_f) == 0:
+        raise mesh_io.MeshError("empty mesh: no faces")
+      if up_dir == "z":
+        gen_v = gen_v[:, [0, 2, 1]]
+      gt_path = find_ground_truth(path, ground_truth_dir)
+      gt_v, gt_f = mesh_io.load_mesh(gt_path)
+      if len(gt_f) == 0:
+        raise mesh_io.MeshError(f"empty ground truth mesh: {gt_path}")
+      res = chamfer_fscore(gen_v, gen_f, gt_v, gt_f, n_points=n_points, tau=tau, seed=seed)
+      res["ground_truth"] = gt_path
+      results.append(res)
+    except Exception as err:
+      results.append(dict(error=mesh_io.error_reason(err)))
+  return results

@@ -51,6 +51,7 @@ def default_sim_config() -> ml_collections.ConfigDict:
   cfg.impl = "jax"  # 'jax' (portable) or 'warp' (NVIDIA GPU with warp-lang installed)
   # Occupancy bodies.
   cfg.voxel_offset = 1.0  # support points at voxel corners (1.0) or centres (0.0); fraction of h/2
+  cfg.boundary_weight = 1.0  # mass weight of voxels on the solid's boundary (the surface crosses them)
   cfg.fill_interior = True  # fill voxels enclosed by the shell along all axes (solid mass like DSO's mesh)
   cfg.margin_dirs = 64  # directions for the static support margin
   cfg.map_batch = 64  # lax.map batch for the per-object preprocessing (vmap would materialise B*K*D^2)
@@ -193,3 +194,35 @@ def simulate_mesh_bodies(cfg, bodies: list[dict], batch_size: int = 256, simulat
     res = jax.device_get(simulate(chunk))
     out.append({k: np.asarray(v)[:m] for k, v in res.items()})
   return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+
+def evaluate_files(paths: list[str], cfg, *, up_dir: str = "y", rescale: bool = True, max_faces: int | None = None,
+                   batch_size: int = 256) -> list[dict]:
+  """MJX mesh path over files (the `--backend mjx` of evaluate_stability) -> one dict per path.
+
+  Each entry is {angle, tilt, stable, margin} or {error: one-line reason}; a bad file never stops the batch.
+  Mass properties are MuJoCo's legacy ones, as in the reference; the contact proxy is the hull's.
+  """
+  from dso_jax.physics import mesh_io
+
+  kwargs = {} if max_faces is None else dict(max_faces=max_faces)
+  results: list[dict] = [{} for _ in paths]
+  bodies, where = [], []
+  for i, path in enumerate(paths):
+    try:
+      mesh = mesh_io.load_and_prepare(path, up_dir=up_dir, rescale=rescale, **kwargs)
+      bodies.append(body_lib.mesh_body(mesh.vertices, mesh.faces, cfg))
+      where.append(i)
+      if mesh.warnings:
+        results[i]["warning"] = "; ".join(mesh.warnings)
+    except Exception as err:  # one-line reason, keep going
+      results[i] = dict(error=mesh_io.error_reason(err))
+  if bodies:
+    out = simulate_mesh_bodies(cfg, bodies, batch_size=min(batch_size, len(bodies)))
+    for j, i in enumerate(where):
+      if not bool(out["valid"][j]):
+        results[i] = dict(error="simulation diverged (non-finite state)")
+        continue
+      results[i].update(angle=float(out["angle"][j]), tilt=float(out["tilt"][j]), stable=bool(out["stable"][j]),
+                        margin=float(out["margin"][j]))
+  return results
