@@ -138,7 +138,6 @@ def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.log_every = 5
     c.train.ckpt_every = 10
     c.train.keep_ckpts = 2
-    c.train.peft_export = "lora"
     c.data.kind = "synthetic"
     c.data.workers = 2
     c.data.synthetic.num_objects = 8

@@ -60,20 +60,21 @@ class Checkpointer:
         """Start saving ``state`` (asynchronously after the device-to-host copy)."""
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
-    def export_peft(self, step: int, base_params, overlay: lora.Overlay) -> Optional[str]:
-        """Write the overlay as peft safetensors beside the checkpoint; prune exports of deleted steps."""
+    def export_peft(self, step: int, base_params, overlay: lora.Overlay, module) -> Optional[str]:
+        """Write the overlay as peft safetensors beside the checkpoint; prune exports of deleted steps.
+
+        ``module`` (the Flax model) supplies the TRELLIS json args and buffers of a full state dict.
+        """
         if self.peft_export == "none":
             return None
         overlay = _to_host(overlay)
-        if self.peft_export == "full" and self._host_base is None:
+        full = self.peft_export == "full"
+        if full and self._host_base is None:
             self._host_base = _to_host(base_params)  # the base never changes: gather once
         path = os.path.join(self.peft_dir, f"step_{step:07d}.safetensors")
         if jax.process_index() == 0:
-            os.makedirs(self.peft_dir, exist_ok=True)
-            tmp = path + ".tmp"
-            base = self._host_base if self.peft_export == "full" else base_params
-            lora.save_peft(tmp, base, overlay, full_state_dict=self.peft_export == "full")
-            os.replace(tmp, path)  # atomic: a reader never sees a partial file
+            # save_peft writes a temporary file and renames it: a reader never sees a partial file.
+            lora.save_peft(path, self._host_base if full else None, overlay, full_state_dict=full, config=module if full else None)
             self._prune_exports(keep_also=step)
         return path
 

@@ -312,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if done % config.train.ckpt_every == 0 or done == total:
                 drain(keep=0)  # never checkpoint a state whose metrics were not checked
                 ckpt.save(done, state, {"step": done, "data_position": done, "loss": config.loss, "seed": config.seed})
-                ckpt.export_peft(done, base, state.overlay)
+                ckpt.export_peft(done, base, state.overlay, module)
             else:
                 drain(keep=1)
         drain(keep=0)

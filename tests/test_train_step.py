@@ -146,3 +146,13 @@ def test_online_mode_is_a_clear_seam(tmp_path):
     config.mode = "online"
     with pytest.raises(NotImplementedError, match="issue 5"):
         train.make_label_source(config, str(tmp_path), 4)
+
+
+def test_sft_tiny_runs_in_process(tmp_path):
+    config = sft.get_config("tiny")
+    config.train.steps, config.train.ckpt_every, config.train.log_every = 2, 2, 1
+    config.train.peft_export = "lora"
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert {"loss", "loss_win", "grad_norm", "lr", "pairs_per_sec"} <= set(summary)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    assert os.listdir(tmp_path / "peft") == ["step_0000002.safetensors"]
