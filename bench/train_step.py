@@ -39,7 +39,7 @@ TINY_ARGS = dict(FULL_ARGS, resolution=8, model_channels=64, cond_channels=32, n
 FULL_COND_LEN, TINY_COND_LEN = 1374, 8
 FLOP_PER_SAMPLE = 5.23e12  # one full-size SS-flow forward (bench/ssflow.py)
 TARGETS = ["to_q", "to_kv", "to_out", "to_qkv"]
-DEFAULT_VARIANTS = "torch:dro,torch:dpo,jax:dro,jax:dpo,jax:dro:remat,jax:dpo:remat,jax:dro:base_bf16,jax:dro:xla"
+DEFAULT_VARIANTS = "torch:dro,torch:dpo,jax:dro:remat,jax:dpo:remat,jax:dro,jax:dpo,jax:dro:remat:base_bf16,jax:dro:remat:xla"
 
 
 def _median_step(step, sync, reps: int, warmup: int) -> tuple[float, float]:

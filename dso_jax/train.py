@@ -27,6 +27,7 @@ import optax
 import tqdm
 
 from dso_jax import checkpoint, lora, losses, sharding
+from dso_jax.convert.verify import tree_diff
 from dso_jax.data import dso_pairs, synthetic, tfds_dso
 from dso_jax.models import pretrained
 
@@ -241,7 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     root_key = jax.random.key(config.seed)
     if config.model.path:
         _, loaded = pretrained.load_pretrained(config.model.path, dtype=dtype)
-        jax.tree.map(lambda a, b: _check_shape(a, b, config.model.path), loaded, abstract_base)
+        # names every key / shape / dtype where the checkpoint and config.model.args disagree
+        tree_diff(loaded, abstract_base, source=config.model.path, what="pretrained params vs config.model.args")
         base = jax.device_put(loaded, base_shardings)
         del loaded
     else:
@@ -327,11 +329,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for k in sorted(summary):
             print(f"  {k:18s} {summary[k]:.6g}")
     return summary
-
-
-def _check_shape(loaded, abstract, path):
-    if tuple(loaded.shape) != tuple(abstract.shape):
-        raise ValueError(f"model.path {path}: parameter shape {tuple(loaded.shape)} != model {tuple(abstract.shape)}")
 
 
 def _save_config(config, workdir: str) -> None:
