@@ -1,5 +1,7 @@
 """TFDS dataset of DSO-style training data, and the converter from DSO's on-disk layout.
 
+    python -m dso_jax.data.tfds_dso CATEGORY_DIR DATA_DIR [--num_models_per_image 4]
+
 One record per object (DSO's "prompt"):
 
 | feature            | shape              | dtype    | meaning                                        |
@@ -249,3 +251,14 @@ def open_dataset(path: str):
     if len(source) != len(meta["objects"]):
         raise ValueError(f"{ds_dir}: {len(source)} records but {len(meta['objects'])} objects in the metadata")
     return source, meta
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Convert DSO's preprocessing output (one category directory) to the TFDS dataset.")
+    ap.add_argument("src", help="category directory: PROMPT/{img}_cond.pt, {img}_sparse_sample_{k}.pt, model_info.npz")
+    ap.add_argument("data_dir", help="output TFDS data_dir (the dataset lands in DATA_DIR/dso_pairs/1.0.0)")
+    ap.add_argument("--num_models_per_image", type=int, default=4)
+    a = ap.parse_args()
+    print(convert_dso_layout(a.src, a.data_dir, a.num_models_per_image))
