@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 
 import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # TRELLIS's released ``ckpts/ss_flow_img_dit_L_16l8_fp16.json`` args (trellis.md §2.1).
 TRELLIS_SS_FLOW_ARGS = dict(
@@ -29,6 +32,9 @@ TRELLIS_SS_FLOW_ARGS = dict(
     use_fp16=True,
 )
 DINO_TOKENS = 1374  # 1 CLS + 4 registers + 37 x 37 patches
+# TRELLIS's released ``ckpts/ss_dec_conv3d_16l8_fp16.json`` args (trellis.md §3.1).
+TRELLIS_SS_DEC_ARGS = dict(out_channels=1, latent_channels=8, num_res_blocks=2, num_res_blocks_middle=2,
+                           channels=(512, 128, 32), use_fp16=True)
 
 
 def _physics_defaults() -> ml_collections.ConfigDict:
@@ -103,6 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.synthetic.views_per_object = 2
     c.data.synthetic.latents_per_view = 4
     c.data.synthetic.cond_len = DINO_TOKENS
+    c.data.toy_pool_size = 1024  # online toy runs: training-split objects whose conditions are sampled per step
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = all devices not used by the other axis
@@ -117,8 +124,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampler.rescale_t = 3.0
 
     c.online = ml_collections.ConfigDict()
-    c.online.num_candidates = 4  # samples drawn per condition before labelling
+    c.online.num_candidates = 4  # samples drawn per condition before labelling (train.batch_size conditions per device)
     c.online.updates_per_sample = 1  # optimizer steps per sampling round
+
+    # Online mode decodes the sampled latents to occupancy before simulating them.
+    c.decoder = ml_collections.ConfigDict()
+    c.decoder.kind = "trellis"  # 'trellis': SparseStructureDecoder | 'toy_codec': the toy world's exact codec
+    c.decoder.path = ""  # '' = random init of decoder.args; else a converted folder or TRELLIS prefix
+    c.decoder.args = ml_collections.ConfigDict(TRELLIS_SS_DEC_ARGS)
+
+    # Held-out evaluation of online runs (before and after training).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.seed = 1234  # held-out conditions and sampling noise
+    c.eval.num_conditions = 64
+    c.eval.num_candidates = 4  # samples per held-out condition
+    c.eval.batch = 16  # conditions per rollout call
 
     c.physics = _physics_defaults()
     return c
@@ -150,12 +170,44 @@ def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def apply_toy(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The main job: online DSO on the toy world with the shipped toy model, on a 2-core CPU in minutes."""
+    from configs import pretrain_toy
+
+    c.mode = "online"
+    c.model.args = ml_collections.ConfigDict(pretrain_toy.TOY_SS_FLOW_ARGS)
+    c.model.path = os.path.join(REPO, "ported_weights", "toy")
+    c.model.remat = False
+    c.lora.rank = 8
+    c.lora.alpha = 16.0
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 10
+    c.train.steps = 60
+    c.train.batch_size = 8  # conditions per step (online)
+    c.train.grad_accum = 1
+    c.train.log_every = 4
+    c.train.ckpt_every = 20
+    c.train.keep_ckpts = 2
+    c.data.kind = "toy"
+    c.decoder.kind = "toy_codec"
+    c.sampler.steps = 10
+    c.sampler.cfg_strength = 3.0
+    c.online.num_candidates = 8
+    c.online.updates_per_sample = 2
+    c.eval.num_conditions = 64
+    c.eval.num_candidates = 4
+    c.eval.batch = 16
+    return c
+
+
 def finalize(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """Apply the ``:arg`` variants (comma-separated) and lock the key set."""
     for variant in [a for a in (arg or "").split(",") if a]:
         if variant == "tiny":
             apply_tiny(c)
+        elif variant == "toy":
+            apply_toy(c)
         else:
-            raise ValueError(f"unknown config variant {variant!r} (known: 'tiny')")
+            raise ValueError(f"unknown config variant {variant!r} (known: 'tiny', 'toy')")
     c.lock()
     return c

@@ -39,16 +39,17 @@ def policy_params(base, overlay, dtype):
     return params if jnp.dtype(dtype) == jnp.float32 else cast_block_weights(params, dtype)
 
 
-def make_rollout_fn(apply_fn: ApplyFn, decode_fn: DecodeFn, stability_fn: StabilityFn, config, latent_shape):
+def make_rollout_fn(apply_fn: ApplyFn, decode_fn: DecodeFn, stability_fn: StabilityFn, sampler_cfg, latent_shape,
+                    num_candidates: int):
     """rollout(params, dec_params, cond (B, S, Cc), key) -> dict with z (B, K, ...), occ (B, K, D, D, D),
-    stable / angle / valid (B, K). K = ``config.online.num_candidates``; params already merged."""
-    k = config.online.num_candidates
+    stable / angle / valid (B, K); K = ``num_candidates``, params already merged."""
+    k = num_candidates
 
     def rollout(params, dec_params, cond, key):
         b = cond.shape[0]
         cond_k = jnp.repeat(cond, k, axis=0)  # (B K, S, Cc), candidates of a condition adjacent
         noise = jax.random.normal(key, (b * k,) + tuple(latent_shape), jnp.float32)
-        z = sample_from_config(apply_fn, params, noise, cond_k, config.sampler)  # (B K, C, R, R, R)
+        z = sample_from_config(apply_fn, params, noise, cond_k, sampler_cfg)  # (B K, C, R, R, R)
         occ = decode_fn(dec_params, z)[:, 0] > 0  # (B K, D, D, D)
         verdict = stability_fn(occ)
         out = {
@@ -133,7 +134,7 @@ def make_online_step(apply_fn, decode_fn, stability_fn, tx: optax.GradientTransf
     The sampled latents are reused for ``config.online.updates_per_sample`` optimizer updates
     (each with fresh t and noise); ``state.step`` counts optimizer updates.
     """
-    rollout = make_rollout_fn(apply_fn, decode_fn, stability_fn, config, latent_shape)
+    rollout = make_rollout_fn(apply_fn, decode_fn, stability_fn, config.sampler, latent_shape, config.online.num_candidates)
     loss_fn = online_loss(config.loss)
     updates = config.online.updates_per_sample
 

@@ -26,9 +26,9 @@ import numpy as np
 import optax
 import tqdm
 
-from dso_jax import checkpoint, lora, losses, sharding
+from dso_jax import checkpoint, evaluation, lora, losses, online, sharding
 from dso_jax.convert.verify import tree_diff
-from dso_jax.data import dso_pairs, synthetic, tfds_dso
+from dso_jax.data import dso_pairs, synthetic, tfds_dso, toy_conditions
 from dso_jax.models import pretrained
 
 
@@ -123,8 +123,11 @@ class LabelSource(Protocol):
 
 
 def make_label_source(config, workdir: str, global_batch: int) -> LabelSource:
-    if config.mode == "online":
-        raise NotImplementedError("train: mode='online' (labels from the in-step simulator) is not implemented yet; see issue 5")
+    if config.mode == "online":  # conditions only: the labels come from the simulator inside the step
+        if config.data.kind != "toy":
+            raise ValueError(f"mode='online' takes conditions from data.kind='toy', got {config.data.kind!r}")
+        return toy_conditions.ToyConditionSource(config.seed, global_batch, config.data.toy_pool_size,
+                                                 jax.process_index(), jax.process_count())
     if config.mode != "offline":
         raise ValueError(f"config.mode must be 'offline' or 'online', got {config.mode!r}")
     args = config.model.args
@@ -211,6 +214,69 @@ class MetricWriter:
 
 
 # ------------------------------------------------------------------------------------------------
+# Online mode: decoder, evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+def make_decoder(dec_cfg, dtype, seed: int):
+    """``(decode_fn(dec_params, z) -> logits (N, 1, D, D, D), dec_params)`` for ``decoder.kind``."""
+    if dec_cfg.kind == "toy_codec":
+        from dso_jax.data import toy_codec
+
+        return (lambda dp, z: toy_codec.decode(z)[:, None]), {}
+    if dec_cfg.kind != "trellis":
+        raise ValueError(f"decoder.kind must be 'trellis' or 'toy_codec', got {dec_cfg.kind!r}")
+    if dec_cfg.path:
+        apply_dec, params = pretrained.load_pretrained(dec_cfg.path, dtype=dtype)
+        return apply_dec, params
+    module = pretrained.model_from_config("SparseStructureDecoder", dec_cfg.args.to_dict(), dtype=dtype)
+    params = jax.jit(module.init)(jax.random.key(seed), *pretrained.example_inputs(module))["params"]
+    return pretrained.make_apply_fn(module), params
+
+
+def _evaluate_online(config, workdir, rollout, base, overlay, dec_params, dtype, tag: str) -> dict:
+    """Held-out stable rate / angle / IoU of base ⊕ overlay (``overlay=None``: the pretrained model)."""
+    held = toy_conditions.heldout(config.eval.seed, config.eval.num_conditions)
+    params = base if overlay is None else lora.merge(base, overlay)
+    params = _cast(params, dtype)
+    res = evaluation.evaluate(rollout, params, dec_params, held["cond"], jax.random.key(config.eval.seed),
+                              batch=config.eval.batch, reference=held["occ"])
+    if jax.process_index() == 0:
+        from dso_jax.data import toy_render
+
+        n = min(6, len(held["occ"]))
+        toy_render.save_objects(os.path.join(workdir, f"generations_{tag}.png"), res["occ"][:n],
+                                [f"{tag} {a:.0f} deg" for a in res["angle"][:n, 0]], res["stable"][:n, 0])
+    return res
+
+
+def _cast(params, dtype):
+    from dso_jax.models.layers import cast_block_weights
+
+    return params if jnp.dtype(dtype) == jnp.float32 else cast_block_weights(params, dtype)
+
+
+def _finish_online(config, workdir, before, after, seconds) -> dict:
+    summary = evaluation.write_summary(workdir, before, after, seconds, {
+        "loss": config.loss, "steps": config.train.steps, "eval_conditions": config.eval.num_conditions,
+        "eval_candidates": config.eval.num_candidates})
+    evaluation.print_summary(summary)
+    steps, rates = [], []
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                if "stable_rate" in row:
+                    steps.append(row["step"])
+                    rates.append(row["stable_rate"])
+    if steps:
+        evaluation.plot_curve(os.path.join(workdir, "stable_rate.png"), steps, rates, "stable rate of fresh samples",
+                              f"online {config.loss.upper()} (toy world)")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
 
@@ -218,6 +284,7 @@ class MetricWriter:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train (resuming from ``workdir`` when it holds a checkpoint); returns the last logged metrics."""
     # --- Setup -----------------------------------------------------------------------------------
+    t_start = time.perf_counter()
     sharding.maybe_initialize_distributed(config.mesh)
     is_main = jax.process_index() == 0
     workdir = os.path.abspath(workdir)
@@ -277,12 +344,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     source = make_label_source(config, workdir, global_batch)
 
     # --- The jitted step ---------------------------------------------------------------------------
-    step_fn = jax.jit(
-        make_train_step(apply_fn, losses.LOSSES[config.loss], tx, config),
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh, batch_axis=1), base_shardings),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    online_mode = config.mode == "online"
+    if online_mode:  # sample -> decode -> simulate -> label -> update, one compiled step
+        from dso_jax.physics import rollout as physics
+
+        decode_fn, dec_params = make_decoder(config.decoder, dtype, config.seed)
+        dec_params = jax.device_put(dec_params, sharding.replicated(mesh))
+        stability_fn = physics.make_stability_fn(config.physics)
+        latent_shape = (args["in_channels"],) + (args["resolution"],) * 3
+        step = online.make_online_step(apply_fn, decode_fn, stability_fn, tx, config, latent_shape=latent_shape,
+                                       dtype=dtype, schedule=lr_schedule(config.optim))
+        step_fn = jax.jit(
+            step,
+            in_shardings=(state_shardings, sharding.batch_sharding(mesh, batch_axis=0), base_shardings, sharding.replicated(mesh)),
+            out_shardings=(state_shardings, sharding.replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        run_step = lambda st, b: step_fn(st, b, base, dec_params)
+        per_round = config.online.updates_per_sample
+        if total % per_round or start % per_round:
+            raise ValueError(f"train.steps {total} and the resume step {start} must be multiples of online.updates_per_sample {per_round}")
+        rollout = jax.jit(online.make_rollout_fn(apply_fn, decode_fn, stability_fn, config.sampler, latent_shape,
+                                                 config.eval.num_candidates))
+        before_path = os.path.join(workdir, "eval_before.json")
+        if os.path.exists(before_path):
+            with open(before_path) as f:
+                before = json.load(f)
+        else:
+            before = _evaluate_online(config, workdir, rollout, base, None, dec_params, dtype, "before")
+            before = {k: before[k] for k in ("stable_rate", "mean_angle", "iou")}
+            if is_main:
+                with open(before_path, "w") as f:
+                    json.dump(before, f)
+        logging.info("held-out before training: %s", before)
+    else:
+        step_fn = jax.jit(
+            make_train_step(apply_fn, losses.LOSSES[config.loss], tx, config),
+            in_shardings=(state_shardings, sharding.batch_sharding(mesh, batch_axis=1), base_shardings),
+            out_shardings=(state_shardings, sharding.replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        run_step = lambda st, b: step_fn(st, b, base)
+        per_round = 1
 
     # --- Loop ----------------------------------------------------------------------------------------
     writer = MetricWriter(workdir, enabled=is_main)
@@ -296,22 +399,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         while len(pending) > keep:
             done, m = pending.pop(0)
             writer.add(done, jax.device_get(m))
-            pbar.update(1)
-            steps_since_log += 1
-            pbar.set_postfix(loss=f"{writer.last['loss']:.4g}", lr=f"{writer.last['lr']:.3g}", refresh=False)
-            if done % config.train.log_every == 0 or done == total:
+            pbar.update(per_round)
+            steps_since_log += per_round
+            post = dict(loss=f"{writer.last['loss']:.4g}", lr=f"{writer.last['lr']:.3g}")
+            if "stable_rate" in writer.last:
+                post["stable"] = f"{writer.last['stable_rate']:.2f}"
+            pbar.set_postfix(**post, refresh=False)
+            if done % config.train.log_every < per_round or done == total:
                 dt = time.perf_counter() - t_log
                 rate = steps_since_log / max(dt, 1e-9)
                 summary = writer.flush(done, {"steps_per_sec": rate, "pairs_per_sec": rate * global_batch * config.train.grad_accum})
                 t_log, steps_since_log = time.perf_counter(), 0
 
     try:
-        for step, host_batch in source.iterate(start, total, config.data.prefetch):
-            batch = sharding.host_to_global(host_batch, mesh, batch_axis=1)
-            state, metrics = step_fn(state, batch, base)
-            done = step + 1
+        for rnd, host_batch in source.iterate(start // per_round, total // per_round, config.data.prefetch):
+            batch = sharding.host_to_global(host_batch, mesh, batch_axis=0 if online_mode else 1)
+            state, metrics = run_step(state, batch)
+            done = (rnd + 1) * per_round
             pending.append((done, metrics))
-            if done % config.train.ckpt_every == 0 or done == total:
+            if done % config.train.ckpt_every < per_round or done == total:
                 drain(keep=0)  # never checkpoint a state whose metrics were not checked
                 ckpt.save(done, state, {"step": done, "data_position": done, "loss": config.loss, "seed": config.seed})
                 ckpt.export_peft(done, base, state.overlay, module)
@@ -328,6 +434,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print("\nfinal metrics (mean over the last log interval):")
         for k in sorted(summary):
             print(f"  {k:18s} {summary[k]:.6g}")
+    if online_mode:  # held-out evaluation of the trained overlay, summary.json and plots
+        after = _evaluate_online(config, workdir, rollout, base, state.overlay, dec_params, dtype, "after")
+        if is_main:
+            summary = _finish_online(config, workdir, before, after, time.perf_counter() - t_start)
     return summary
 
 
