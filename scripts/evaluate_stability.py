@@ -16,8 +16,11 @@ import argparse
 import glob
 import json
 import os
+import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 
 def _keys(paths: list[str]) -> list[str]:

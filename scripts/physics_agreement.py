@@ -17,9 +17,12 @@ import ast
 import glob
 import json
 import os
+import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 
 def _confusion(ref_stable: np.ndarray, stable: np.ndarray) -> dict:

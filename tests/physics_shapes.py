@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import trimesh
+
+MESH_BATCH = 8  # every mesh-path test simulates chunks of this size with the default config: one compile
+
+
+@functools.lru_cache(maxsize=None)
+def mesh_simulator():
+  """One jitted simulator with the default config, shared by the test modules (compiled once per session)."""
+  import jax
+
+  from dso_jax.physics import rollout
+
+  return jax.jit(rollout.make_simulator(rollout.default_sim_config()))
 
 
 def grid_centres(d: int) -> np.ndarray:

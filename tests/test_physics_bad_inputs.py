@@ -1,6 +1,7 @@
 """Bad inputs give a one-line reason each and never stop the batch (both backends, and the CLI)."""
 
 import json
+import os
 import runpy
 import sys
 
@@ -69,18 +70,16 @@ def test_reference_batch_completes(files):
 
 def test_mjx_batch_completes(files):
   names = list(files)
-  cfg = rollout.default_sim_config()
-  cfg.horizon_s = 0.5
-  _check(names, rollout.evaluate_files([files[n] for n in names], cfg))
+  _check(names, rollout.evaluate_files([files[n] for n in names], rollout.default_sim_config(),
+                                       batch_size=shapes.MESH_BATCH, simulate=shapes.mesh_simulator()))
 
 
 def test_cli_writes_json_and_histogram(files, tmp_path, monkeypatch, capsys):
   out = tmp_path / "res.json"
-  import os
   argv = ["evaluate_stability.py", "--mesh_paths", os.path.join(os.path.dirname(files["good"]), "*"), "--backend", "mujoco",
           "--workers", "1", "--out", str(out)]
   monkeypatch.setattr(sys, "argv", argv)
-  runpy.run_path("scripts/evaluate_stability.py", run_name="__main__")
+  runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "scripts", "evaluate_stability.py"), run_name="__main__")
   table = json.loads(out.read_text())
   assert table["good.glb"]["stable"] and "error" in table["corrupt.glb"] and "error" in table["huge.ply"]
   assert (tmp_path / "res_hist.png").exists()

@@ -14,6 +14,11 @@ def _cfg():
   return rollout.default_sim_config()
 
 
+def _body(occ, cfg=None):
+  cfg = cfg or _cfg()
+  return jax.jit(lambda o: body.occupancy_body(o, cfg))(jnp.asarray(occ))
+
+
 def _mujoco_mass(v, f):
   m = reference.build_model(v, f)
   return m.body_mass[1], np.array(m.body_ipos[1]), np.sort(np.array(m.body_inertia[1]))
@@ -38,7 +43,7 @@ def test_legacy_mass_properties_equal_mujoco(name):
 
 def test_voxel_box_mass_properties_are_analytic():
   occ = shapes.box_occ((-0.25, -0.125, -0.5), (0.25, 0.125, 0.0), d=32)  # 16 x 8 x 16 voxels
-  b = jax.jit(lambda o: body.occupancy_body(o, _cfg()))(jnp.asarray(occ))
+  b = _body(occ)
   np.testing.assert_allclose(b["com"], [0.0, 0.0, -0.25], atol=1e-6)
   a, bb, c = 0.5, 0.25, 0.5  # box edges
   expect = np.sort([(bb**2 + c**2) / 12, (a**2 + c**2) / 12, (a**2 + bb**2) / 12])
@@ -52,11 +57,11 @@ def test_margin_sign_and_size():
   cfg = _cfg()
   cfg.voxel_offset = 1.0  # corners: the support polygon is the voxel footprint exactly
   occ = shapes.box_occ((-0.25, -0.125, -0.5), (0.25, 0.125, 0.0), d=32)
-  b = body.occupancy_body(jnp.asarray(occ), cfg)
+  b = _body(occ, cfg)
   assert float(b["margin"]) == pytest.approx(0.125, abs=1e-3)  # half the short side
   post = shapes.box_occ((-0.45, -0.1, -0.5), (-0.3, 0.1, 0.5), d=32)
   arm = shapes.box_occ((-0.45, -0.1, 0.3), (0.45, 0.1, 0.5), d=32)
-  b = body.occupancy_body(jnp.asarray(post | arm), cfg)
+  b = _body(post | arm, cfg)
   assert float(b["margin"]) < 0  # COM outside the post's footprint
 
 
@@ -81,7 +86,7 @@ def test_proxy_of_a_cube_is_its_corners_without_duplicates():
   cfg = _cfg()
   cfg.voxel_offset = 1.0
   occ = shapes.box_occ((-0.25, -0.25, -0.25), (0.25, 0.25, 0.25), d=16)
-  b = body.occupancy_body(jnp.asarray(occ), cfg)
+  b = _body(occ, cfg)
   pts = np.asarray(b["points"])
   com = np.asarray(b["com"])
   real = pts[np.any(np.abs(pts - com) > 1e-6, axis=1)]  # the rest are parked at the COM
@@ -100,7 +105,7 @@ def test_occupancy_and_mesh_bodies_agree_on_voxelised_primitives(name):
   v = np.asarray(mesh.vertices)
   mb = body.mesh_body(v - [0, 0, v[:, 2].min()], mesh.faces, cfg)
   occ = body.voxelize_mesh(v, mesh.faces, d)  # surface shell, filled by the occupancy path
-  ob = body.occupancy_body(jnp.asarray(occ), cfg)
+  ob = _body(occ, cfg)
   shift = np.array([0, 0, v[:, 2].min()])
   h = 1.0 / d
   np.testing.assert_allclose(np.asarray(ob["com"]), mb["com"] + shift, atol=0.6 * h)

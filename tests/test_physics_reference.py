@@ -9,7 +9,8 @@ import physics_shapes as shapes
 CASES = {  # name -> (mesh, stable under DSO's protocol)
     "cube": (shapes.box_mesh((0.5, 0.5, 0.5)), True),
     "tall_thin_box": (shapes.box_mesh((0.1, 0.1, 1.0)), True),
-    "tall_box_on_edge": (shapes.box_mesh((0.2, 0.2, 0.8), tilt_deg=12), False),
+    "tall_box_past_tipping": (shapes.box_mesh((0.2, 0.2, 0.8), tilt_deg=25), False),  # tips at 14 deg
+    "tall_box_before_tipping": (shapes.box_mesh((0.3, 0.3, 0.8), tilt_deg=12), True),  # rocks back: 12 deg
     "slightly_tilted_box": (shapes.box_mesh((0.6, 0.6, 0.3), tilt_deg=8), True),  # rocks back onto its base
     "overhanging_l": (shapes.l_mesh(True), False),
     "short_l": (shapes.l_mesh(False), True),
@@ -36,7 +37,7 @@ def test_reference_verdicts_are_physical(reference_angles, name):
 def test_mjx_mesh_path_agrees_with_reference(reference_angles):
   cfg = rollout.default_sim_config()
   bodies = [body.mesh_body(_prepared(m).vertices, _prepared(m).faces, cfg) for m, _ in CASES.values()]
-  out = rollout.simulate_mesh_bodies(cfg, bodies, batch_size=len(bodies))
+  out = rollout.simulate_mesh_bodies(cfg, bodies, batch_size=shapes.MESH_BATCH, simulate=shapes.mesh_simulator())
   ref = np.asarray(reference_angles)
   np.testing.assert_array_equal(out["stable"], ref < 20.0)
   still = ref < 5.0

@@ -6,9 +6,11 @@ Two sources, one output layout (a dict of arrays):
   * `mesh_body(vertices, faces, cfg)`: a prepared mesh (z-up, min z = 0); numpy; MuJoCo's *legacy* mesh
     mass properties (density 1000), i.e. exactly what DSO's MuJoCo model uses.
 
-Contact proxy: K = num_base + len(ring_tilts_deg)·num_ring support points of the convex hull (the support of
-an object on a plane is its convex hull): `num_base` horizontal azimuths over the lowest contact layer (the
-initial support polygon) and rings of directions tilted α from −z (the hull points that touch while tipping).
+Contact proxy: K = cfg.num_points support points of the convex hull (the support of an object on a plane is
+its convex hull): first the extreme points of the lowest contact layer in `num_base` horizontal azimuths (the
+initial support polygon), then, greedily, the hull's support point in the direction (within `max_tilt_deg`
+of straight down) where the proxy's support height falls furthest short of the hull's (`greedy_support`):
+the points that touch while the object tips. Unneeded slots are parked at the COM, never doubled.
 Inertia is per unit mass: the rollout simulates a 1 kg body, which gives the same motion as the true mass
 under gravity and contact (MuJoCo's soft contacts scale with the body's inverse mass) and keeps the template's
 `body_invweight0` exact (mjx.md §3.2).
