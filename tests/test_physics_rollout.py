@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dso_jax.physics import rollout
+from dso_jax.physics import body, mesh_io, rollout
 import physics_shapes as shapes
 
 D = 32
@@ -26,8 +26,23 @@ SHAPES = {
                       | shapes.box_occ((-0.45, -0.1, 0.3), (0.45, 0.1, 0.5), D), False),
     "short_l": (shapes.box_occ((-0.45, -0.2, -0.5), (-0.1, 0.2, 0.5), D)
                 | shapes.box_occ((-0.45, -0.2, 0.3), (0.0, 0.2, 0.5), D), True),
-    "empty": (np.zeros((D, D, D), bool), False),
 }
+
+
+def _voxelised(mesh):
+  """A mesh prepared like DSO's eval (rescaled, min z = 0), voxelised as a surface shell in the grid frame."""
+  m = mesh_io.prepare_mesh(mesh.vertices, mesh.faces, up_dir="z")
+  return body.voxelize_mesh(body.mesh_to_grid_frame(m.vertices), m.faces, D)
+
+
+# Voxelised meshes whose verdicts the reference test checks on the mesh itself: both paths must agree.
+SHAPES.update({
+    "mesh_overhanging_l": (_voxelised(shapes.l_mesh(True)), False),
+    "mesh_short_l": (_voxelised(shapes.l_mesh(False)), True),
+    "mesh_box_past_tipping": (_voxelised(shapes.box_mesh((0.2, 0.2, 0.8), tilt_deg=25)), False),
+    "mesh_wedge": (_voxelised(shapes.wedge_mesh()), True),
+    "empty": (np.zeros((D, D, D), bool), False),
+})
 
 
 @pytest.fixture(scope="module")
