@@ -141,11 +141,18 @@ def test_nan_guard_names_the_step(tmp_path):
         writer.add(4, {"loss": float("nan"), "lr": 1.0})
 
 
-def test_online_mode_is_a_clear_seam(tmp_path):
+def test_online_mode_takes_conditions_from_the_toy_world(tmp_path):
     config = dro.get_config("tiny")
     config.mode = "online"
-    with pytest.raises(NotImplementedError, match="issue 5"):
+    with pytest.raises(ValueError, match="data.kind='toy'"):
         train.make_label_source(config, str(tmp_path), 4)
+    config.data.kind = "toy"
+    config.data.toy_pool_size = 16
+    source = train.make_label_source(config, str(tmp_path), 4)
+    (s0, b0), (s1, b1) = list(source.iterate(0, 2))
+    assert (s0, s1) == (0, 1) and b0["cond"].shape[0] == 4
+    again = dict(source.iterate(1, 2))[1]  # a resumed run sees the same conditions at the same step
+    np.testing.assert_array_equal(again["cond"], b1["cond"])
 
 
 def test_sft_tiny_runs_in_process(tmp_path):
