@@ -1,0 +1,47 @@
+"""DSO's training-data generation -> the TFDS dataset that ``scripts/train.py`` reads (``data.path``).
+
+    python scripts/generate_data.py --images "ROOT/category/*/*.png" --flow W/ss_flow_img_dit_L_16l8_fp16 \
+        --decoder W/ss_dec_conv3d_16l8_fp16 --dinov2 W/dinov2_vitl14_reg4 --out DATA [--batch_images 8]
+    python scripts/train.py --config configs/dro.py --config.data.path=DATA --workdir runs/dro
+
+Per image (DSO's category/prompt/view.png): K=4 latents with seeds 0..3, SS 12 steps CFG 7.5, the DINOv2
+condition, and each latent's rotation angle from the MJX stability check on its occupancy (--sim KEY=VALUE
+overrides dso_jax.physics.rollout.default_sim_config). Finished images land in DATA/objects/ and are skipped
+when the command is run again; bad images go to DATA/failures.json and the run goes on. The dataset
+DATA/dso_pairs/ is rebuilt from all finished images at the end of every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, no install needed
+
+
+def main(argv=None) -> int:
+    from dso_jax import generate
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", required=True, nargs="+", help='glob(s) such as "ROOT/category/*/*.png" (quote them)')
+    ap.add_argument("--out", required=True, help="output directory (work files, failures.json, dso_pairs/)")
+    ap.add_argument("--num_samples", type=int, default=4, help="latents per image (DSO: 4)")
+    ap.add_argument("--seed", type=int, default=0, help="sample k uses seed S + k (DSO: 0..3)")
+    ap.add_argument("--noise_file", default="", help=".npy (num_samples, C, R, R, R): exact noise (e.g. TRELLIS's)")
+    ap.add_argument("--lora", default="", help="optional peft LoRA merged into the flow (iterated DSO)")
+    ap.add_argument("--lora_alpha", type=float, default=generate.DSO_LORA_ALPHA)
+    ap.add_argument("--sim", action="append", default=[], metavar="KEY=VALUE", help="physics config override")
+    generate.add_model_args(ap)
+    args = ap.parse_args(argv)
+
+    paths = generate.expand_images(args.images)
+    physics = generate.physics_from_overrides(args.sim)
+    gen = generate.generator_from_args(args, physics=physics, lora=args.lora or None, lora_alpha=args.lora_alpha)
+    generate.generate_dataset(gen, paths, args.out, num_samples=args.num_samples, seed=args.seed,
+                              noise_file=args.noise_file or None, background=args.background)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
