@@ -1,7 +1,6 @@
 """Metrics: DSO's rotation angle and geometry metrics."""
 
 import numpy as np
-import pytest
 
 from dso_jax.physics import metrics
 import physics_shapes as shapes

@@ -209,19 +209,27 @@ def occupancy_body(occ, cfg):
   # Bottom height map: lowest occupied voxel per (x, y) column.
   col_any = occ.any(axis=2)  # (D, D)
   k_low = jnp.argmax(occ, axis=2)  # (D, D) first occupied index along z
-  k_min = jnp.min(jnp.where(col_any, k_low, d))
-  k_min = jnp.where(valid, k_min, 0)
+  z_low = c[k_low]  # (D, D) bottom voxel centre per column
+  if cfg.height_smoothing > 0:
+    # Sub-voxel bottom: average the height map over the occupied columns of a (2r+1)² window, so that a
+    # curved or gently sloped bottom stays curved instead of becoming a one-voxel-thick flat layer.
+    win = 2 * int(cfg.height_smoothing) + 1
+    box = lambda x: jax.lax.reduce_window(x, 0.0, jax.lax.add, (win, win), (1, 1), "SAME")  # noqa: E731
+    m = col_any.astype(dtype)
+    z_low = jnp.where(col_any, box(z_low * m) / jnp.maximum(box(m), 1.0), z_low)
+  z_bot = jnp.min(jnp.where(col_any, z_low, 1.0))
+  z_bot = jnp.where(valid, z_bot, c[0])
   gx, gy = jnp.meshgrid(c, c, indexing="ij")
-  cand = jnp.stack([gx, gy, c[k_low]], axis=-1).reshape(-1, 3)  # (D², 3) column-bottom voxel centres
+  cand = jnp.stack([gx, gy, z_low], axis=-1).reshape(-1, 3)  # (D², 3) column-bottom voxel centres
   col_any = col_any.reshape(-1)
-  base = col_any & (k_low.reshape(-1) == k_min)
+  base = col_any & (z_low.reshape(-1) <= z_bot + cfg.base_tol * h)  # the lowest layer
 
   neg = jnp.asarray(-1e9, dtype)
   off = 0.5 * h * cfg.voxel_offset  # support points at voxel corners (1) or centres (0)
-  zmin = c[k_min] - off
+  zmin = z_bot - off
   ub = jnp.asarray(base_directions(cfg.num_base), dtype)  # (Nb, 3)
   pb = cand[jnp.argmax(jnp.where(base[:, None], cand @ ub.T, neg), axis=0)]  # (Nb, 3)
-  pb = jnp.concatenate([pb[:, :2] + off * jnp.where(ub[:, :2] >= 0, 1.0, -1.0), jnp.broadcast_to(zmin, (len(ub), 1))], 1)
+  pb = jnp.concatenate([pb[:, :2] + off * jnp.where(ub[:, :2] >= 0, 1.0, -1.0), pb[:, 2:] - off], 1)
   dirs = jnp.asarray(cap_directions(cfg.num_dirs, cfg.max_tilt_deg), dtype)  # (N, 3)
   sup = cand[jnp.argmax(jnp.where(col_any[:, None], cand @ dirs.T, neg), axis=0)]  # (N, 3)
   sup = sup + off * jnp.where(dirs >= 0, 1.0, -1.0)  # voxel corner extreme in each direction

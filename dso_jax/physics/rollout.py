@@ -53,6 +53,8 @@ def default_sim_config() -> ml_collections.ConfigDict:
   cfg.impl = "jax"  # 'jax' (portable) or 'warp' (NVIDIA GPU with warp-lang installed)
   # Occupancy bodies.
   cfg.voxel_offset = 0.0  # support points at voxel centres (0.0; the surface crosses them) or corners (1.0)
+  cfg.height_smoothing = 0  # radius (voxels) of the bottom height-map smoothing; 0 keeps voxel layers
+  cfg.base_tol = 0.5  # voxels: columns this close to the lowest bottom form the initial support layer
   cfg.boundary_weight = 1.0  # mass weight of voxels on the solid's boundary (the surface crosses them)
   cfg.fill_interior = True  # fill voxels enclosed by the shell along all axes (solid mass like DSO's mesh)
   cfg.margin_dirs = 64  # directions for the static support margin
@@ -100,6 +102,8 @@ def make_simulator(cfg):
   impl = str(cfg.impl)
   mjm = mujoco.MjModel.from_xml_string(template_xml(cfg))
   mx = mjx.put_model(mjm, impl=impl)
+  if impl == "warp":  # the fixed iteration budget is by design: silence Warp's per-call overflow warnings
+    mx = mx.replace(opt=mx.opt.replace(_impl=mx.opt._impl.replace(warn_overflow=0)))
   k = body_lib.num_points(cfg)
   nsteps = num_steps(cfg)
   radius = float(cfg.sphere_radius)
