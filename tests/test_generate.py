@@ -6,6 +6,7 @@ finished images. generate_eval.py: {uid}-{view}_{k:03d}.glb with and without a L
 Scripts run in-process through their main(argv), so compiled pipelines are shared between tests.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # helpers_trellis
 
 from dso_jax import generate, lora  # noqa: E402
 
@@ -128,6 +130,56 @@ def test_sample_skips_finished_images_and_rejects_name_clashes(sampled, tmp_path
     with pytest.raises(ValueError, match="share output names"):
         generate.output_names(twins)
     assert generate.output_names(twins, 2) == ["a-0", "b-0"]
+
+
+def test_a_noise_file_reproduces_the_seeded_run(sampled, tmp_path):
+    image, base_out = sampled
+    noise = str(tmp_path / "noise.npy")
+    np.save(noise, generate.noise_for_seeds([0, 1], (8, 16, 16, 16)))  # what --seed 0 draws
+    out = str(tmp_path / "from_file")
+    _script("sample")(["--image", image, "--out", out, "--num_samples", "2", "--noise_file", noise, *FAST])
+    for k in range(2):
+        np.testing.assert_array_equal(np.load(os.path.join(out, f"chair_{k:03d}_ss_latent.npy")),
+                                      np.load(os.path.join(base_out, f"chair_{k:03d}_ss_latent.npy")))
+
+
+def test_models_load_from_trellis_prefixes_and_a_converted_dinov2_folder(tmp_path, monkeypatch):
+    import helpers_trellis
+    from safetensors.numpy import save_file
+
+    from dso_jax.convert import dinov2 as convert_dinov2
+    from dso_jax.convert import trellis
+    from dso_jax.models import dinov2
+
+    flow_args, dec_args, dino_name = generate.RANDOM_PRESETS["tiny"]
+    prefixes = {}
+    for name, cls, args in (("flow", trellis.FLOW, flow_args), ("dec", trellis.DECODER, dec_args)):
+        config = {"name": cls, "args": dict(args)}
+        prefixes[name] = helpers_trellis.write_checkpoint(str(tmp_path / "ckpts" / name), config,
+                                                          helpers_trellis.random_state_dict(config))
+    cfg = dinov2.get_config(dino_name)
+    flat = convert_dinov2.flatten_params(generate.load_models(random_weights="tiny").dinov2_params)
+    flat = {k: np.asarray(v) for k, v in flat.items()}
+    folder = tmp_path / "dinov2"
+    folder.mkdir()
+    save_file(flat, str(folder / "params.safetensors"))
+    (folder / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (folder / "manifest.json").write_text(json.dumps(
+        {"tensors": [{"name": k, "shape": list(a.shape), "dtype": str(a.dtype)} for k, a in flat.items()]}))
+
+    models = generate.load_models(prefixes["flow"], prefixes["dec"], str(folder))
+    assert models.latent_shape == (8, 16, 16, 16) and models.dinov2_cfg == cfg
+    assert models.source["flow"] == os.path.abspath(prefixes["flow"]) and models.source["weights_seed"] is None
+    with pytest.raises(ValueError, match="no path for --decoder, --dinov2; pass them or --random_weights"):
+        generate.load_models(prefixes["flow"])
+    trellis_folder = tmp_path / "converted_flow"
+    trellis_folder.mkdir()
+    (trellis_folder / "config.json").write_text(json.dumps({"name": trellis.FLOW, "args": flow_args}))
+    with pytest.raises(ValueError, match="is a converted TRELLIS model folder, not DINOv2"):
+        generate.load_dinov2(str(trellis_folder))
+    monkeypatch.setitem(generate.RANDOM_PRESETS, "tiny", (flow_args, dec_args, "vitl14_reg4_2blocks"))
+    with pytest.raises(ValueError, match="flow cond_channels 64 != DINOv2 embed_dim 1024"):
+        generate.load_models(prefixes["flow"], prefixes["dec"], random_weights="tiny")
 
 
 def test_noise_is_keyed_by_seed_only_and_a_noise_file_is_checked(tmp_path):
