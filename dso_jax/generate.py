@@ -532,17 +532,19 @@ def generate_dataset(gen: Generator, paths: Sequence[str], out_dir: str, *, num_
         bar.update(len(paths) - len(todo))
         _pipelined(gen, todo, noise, dict(background=background), True, consume, failures, bar)
     _write_json(os.path.join(out_dir, "failures.json"), failures)
-    dataset = build_tfds(out_dir, work, num_models_per_image=num_samples)
-    from dso_jax.data import tfds_dso
+    dataset, objects = None, 0
+    if next(dataset_records(work), None) is not None:  # TFDS cannot write an empty split
+        from dso_jax.data import tfds_dso
 
-    _, meta = tfds_dso.open_dataset(dataset)
+        dataset = build_tfds(out_dir, work, num_models_per_image=num_samples)
+        objects = len(tfds_dso.open_dataset(dataset)[1]["objects"])
     summary = dict(images=len(paths), skipped_done=len(paths) - len(todo), generated=len(todo) - len(failures),
                    failed=len(failures), samples=stats["samples"], stable=stats["stable"], invalid=stats["invalid"],
-                   objects=len(meta["objects"]), dataset=dataset)
+                   objects=objects, dataset=dataset)
     _write_json(os.path.join(out_dir, "summary.json"), summary)
     log(f"generate: {summary['generated']} images generated, {summary['skipped_done']} already done, "
         f"{summary['failed']} failed; {summary['samples']} samples this run ({summary['stable']} stable, "
-        f"{summary['invalid']} empty); dataset {dataset} ({summary['objects']} objects)")
+        f"{summary['invalid']} empty); dataset {dataset or 'not written (no usable sample)'} ({objects} objects)")
     for key, reason in failures.items():
         log(f"  failed {key}: {reason}")
     return summary

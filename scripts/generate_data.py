@@ -38,9 +38,9 @@ def main(argv=None) -> int:
     paths = generate.expand_images(args.images)
     physics = generate.physics_from_overrides(args.sim)
     gen = generate.generator_from_args(args, physics=physics, lora=args.lora or None, lora_alpha=args.lora_alpha)
-    generate.generate_dataset(gen, paths, args.out, num_samples=args.num_samples, seed=args.seed,
-                              noise_file=args.noise_file or None, background=args.background)
-    return 0
+    summary = generate.generate_dataset(gen, paths, args.out, num_samples=args.num_samples, seed=args.seed,
+                                        noise_file=args.noise_file or None, background=args.background)
+    return 0 if summary["dataset"] else 1  # nothing usable at all: fail the job
 
 
 if __name__ == "__main__":
