@@ -102,3 +102,14 @@ def test_bad_shapes_raise():
   fn = rollout.make_stability_fn(_cfg())
   with pytest.raises(ValueError):
     fn(jnp.zeros((2, 8, 8, 4)))
+
+
+def test_warp_backend_matches_jax_where_installed():
+  pytest.importorskip("warp")  # optional backend: warp-lang (NVIDIA GPU; its CPU mode is slow but correct)
+  cfg = _cfg()
+  cfg.horizon_s = 0.3
+  occ = jnp.asarray(np.stack([SHAPES["cube"][0][::2, ::2, ::2], SHAPES["tall_box_past_tipping"][0][::2, ::2, ::2]]))
+  out_jax = jax.device_get(jax.jit(rollout.make_stability_fn(cfg))(occ))
+  cfg.impl = "warp"
+  out_warp = jax.device_get(jax.jit(rollout.make_stability_fn(cfg))(occ))
+  np.testing.assert_allclose(out_warp["angle"], out_jax["angle"], atol=0.05)
