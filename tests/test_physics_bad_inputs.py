@@ -10,7 +10,7 @@ import pytest
 import trimesh
 
 from dso_jax.physics import mesh_io, reference, rollout
-import physics_shapes as shapes
+import test_physics_shapes as shapes
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import numpy as np
 
 from dso_jax.physics import metrics
-import physics_shapes as shapes
+import test_physics_shapes as shapes
 
 
 def test_rotation_angle_is_total_rotation_including_yaw():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dso_jax.physics import body, mesh_io, reference, rollout
-import physics_shapes as shapes
+import test_physics_shapes as shapes
 
 CASES = {  # name -> (mesh, stable under DSO's protocol)
     "cube": (shapes.box_mesh((0.5, 0.5, 0.5)), True),

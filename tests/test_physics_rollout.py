@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dso_jax.physics import body, mesh_io, rollout
-import physics_shapes as shapes
+import test_physics_shapes as shapes
 
 D = 32
 

@@ -1,4 +1,4 @@
-"""Shared primitive shapes for the physics tests (occupancy grids and meshes)."""
+"""Shared primitive shapes for the physics tests (occupancy grids and meshes); holds no tests itself."""
 
 from __future__ import annotations
 
