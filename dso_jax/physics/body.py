@@ -160,10 +160,18 @@ def fill_enclosed(occ):
   axis directions (boxes, blobs, legs, posts) and keeps open cavities (cups, table undersides) empty.
   """
   occ = occ.astype(bool)
-  shell = occ.astype(jnp.int8)
+  d = occ.shape[0]
+  idx = jnp.arange(d)
   enclosed = jnp.ones_like(occ)
   for axis in range(3):
-    enclosed = enclosed & (jax.lax.cummax(shell, axis=axis) > 0) & (jax.lax.cummax(shell, axis=axis, reverse=True) > 0)
+    # Between the first and the last occupied voxel along this axis (two reductions, no scans).
+    hit = jnp.expand_dims(occ.any(axis=axis), axis)
+    first = jnp.expand_dims(jnp.argmax(occ, axis=axis), axis)
+    last = d - 1 - jnp.expand_dims(jnp.argmax(jnp.flip(occ, axis=axis), axis=axis), axis)
+    shape = [1, 1, 1]
+    shape[axis] = d
+    pos = idx.reshape(shape)
+    enclosed = enclosed & hit & (pos >= first) & (pos <= last)
   return occ | enclosed
 
 
