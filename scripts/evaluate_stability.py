@@ -83,7 +83,7 @@ def main():
     results = reference.evaluate_files(paths, up_dir=args.up_dir, rescale=args.rescale, max_faces=max_faces,
                                        timeout_s=args.timeout, workers=args.workers)
   else:
-    cfg = rollout.default_sim_config()
+    cfg = rollout.mesh_sim_config()
     cfg.threshold_deg = args.threshold
     results = rollout.evaluate_files(paths, cfg, up_dir=args.up_dir, rescale=args.rescale, max_faces=max_faces)
   for r in results:

@@ -2,7 +2,8 @@
 
 Runs three answers per mesh and prints confusion matrices against the reference:
   reference   plain MuJoCo, DSO's protocol (hull mesh geom, legacy inertia, 10 s at 1 ms);
-  mjx_mesh    MJX rollout of `body.mesh_body` (same legacy mass properties, hull support spheres);
+  mjx_mesh    MJX rollout of `body.mesh_body` (same legacy mass properties, hull support spheres), with
+              `rollout.mesh_sim_config()` (5 ms steps, the evaluation settings);
   mjx_occ     the occupancy path: the mesh voxelised to D³ (surface shell, like TRELLIS), then
               `rollout.make_stability_fn` (voxel mass properties, interior fill).
 
@@ -65,14 +66,20 @@ def main():
   from dso_jax.physics import mesh_io, reference, rollout
 
   cfg = rollout.default_sim_config()
+  mesh_cfg = rollout.mesh_sim_config()  # the mesh path evaluates with finer steps (rollout.mesh_sim_config)
+  overrides = {}
   for item in args.set:
     key, value = item.split("=", 1)
     try:
       value = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       pass
+    overrides[key] = value
+  for key, value in overrides.items():
     cfg[key] = value
-  print("sim config:", {k: cfg[k] for k in cfg})
+    mesh_cfg[key] = value
+  print("occupancy sim config:", {k: cfg[k] for k in cfg})
+  print("mesh sim config differs in:", {k: mesh_cfg[k] for k in mesh_cfg if mesh_cfg[k] != cfg[k]})
 
   paths = sorted(glob.glob(os.path.join(args.mesh_dir, "*")))
   if args.limit:
@@ -103,7 +110,7 @@ def main():
   ref_angle = np.array([ref[n]["angle"] for n in ok])
   ref_stable = ref_angle < cfg.threshold_deg
   print(f"reference: {ref_stable.sum()} stable / {len(ok)}")
-  results = dict(config={k: cfg[k] for k in cfg}, x64=args.x64, names=ok, reference=ref, errors=errors,
+  results = dict(config={k: cfg[k] for k in cfg}, mesh_config={k: mesh_cfg[k] for k in mesh_cfg}, x64=args.x64, names=ok, reference=ref, errors=errors,
                  confusion={})
   skip = set(args.skip.split(","))
 
@@ -111,12 +118,12 @@ def main():
     bodies, keep = [], []
     for n in ok:
       try:
-        bodies.append(body_lib.mesh_body(meshes[n].vertices, meshes[n].faces, cfg))
+        bodies.append(body_lib.mesh_body(meshes[n].vertices, meshes[n].faces, mesh_cfg))
         keep.append(n)
       except Exception as err:
         errors[n] = f"mesh_body: {mesh_io.error_reason(err)}"
     t = time.time()
-    out = rollout.simulate_mesh_bodies(cfg, bodies, batch_size=min(args.batch, len(bodies)))
+    out = rollout.simulate_mesh_bodies(mesh_cfg, bodies, batch_size=min(args.batch, len(bodies)))
     print(f"mjx_mesh: {len(bodies)} in {time.time() - t:.1f} s (incl. compile)")
     idx = [ok.index(n) for n in keep]
     c = _confusion(ref_stable[idx], out["stable"])

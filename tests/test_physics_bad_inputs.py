@@ -70,7 +70,7 @@ def test_reference_batch_completes(files):
 
 def test_mjx_batch_completes(files):
   names = list(files)
-  _check(names, rollout.evaluate_files([files[n] for n in names], rollout.default_sim_config(),
+  _check(names, rollout.evaluate_files([files[n] for n in names], rollout.mesh_sim_config(),
                                        batch_size=shapes.MESH_BATCH, simulate=shapes.mesh_simulator()))
 
 

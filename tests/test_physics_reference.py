@@ -35,7 +35,7 @@ def test_reference_verdicts_are_physical(reference_angles, name):
 
 
 def test_mjx_mesh_path_agrees_with_reference(reference_angles):
-  cfg = rollout.default_sim_config()
+  cfg = rollout.mesh_sim_config()
   bodies = [body.mesh_body(_prepared(m).vertices, _prepared(m).faces, cfg) for m, _ in CASES.values()]
   out = rollout.simulate_mesh_bodies(cfg, bodies, batch_size=shapes.MESH_BATCH, simulate=shapes.mesh_simulator())
   ref = np.asarray(reference_angles)
@@ -47,7 +47,7 @@ def test_mjx_mesh_path_agrees_with_reference(reference_angles):
 def test_reference_mass_matches_mesh_body():
   m = _prepared(shapes.l_mesh(True))
   res = reference.run_protocol(m.vertices, m.faces, duration=0.01)
-  b = body.mesh_body(m.vertices, m.faces, rollout.default_sim_config())
+  b = body.mesh_body(m.vertices, m.faces, rollout.mesh_sim_config())
   assert res["mass"] == pytest.approx(float(b["mass"]), rel=1e-9)
   np.testing.assert_allclose(res["com"], b["com"], atol=1e-9)
 

@@ -7,7 +7,7 @@ import functools
 import numpy as np
 import trimesh
 
-MESH_BATCH = 8  # every mesh-path test simulates chunks of this size with the default config: one compile
+MESH_BATCH = 8  # every mesh-path test simulates chunks of this size with mesh_sim_config(): one compile
 
 
 @functools.lru_cache(maxsize=None)
@@ -17,7 +17,7 @@ def mesh_simulator():
 
   from dso_jax.physics import rollout
 
-  return jax.jit(rollout.make_simulator(rollout.default_sim_config()))
+  return jax.jit(rollout.make_simulator(rollout.mesh_sim_config()))
 
 
 def grid_centres(d: int) -> np.ndarray:

@@ -9,6 +9,7 @@ angle < threshold.
 
 Public entry points:
   default_sim_config()            ConfigDict embedded by training configs as `config.physics`.
+  mesh_sim_config()               the same with finer steps, for evaluating meshes.
   make_stability_fn(cfg)          fn(occ (B, D, D, D)) -> dict of (B,) arrays; pure, jittable.
   make_simulator(cfg)             fn(bodies dict of (B, ...)) -> dict of (B,) arrays (mesh path).
 """
@@ -63,6 +64,18 @@ def default_sim_config() -> ml_collections.ConfigDict:
   cfg.map_batch = 64  # lax.map batch for the per-object preprocessing (vmap would materialise B*K*D^2)
   # Mesh bodies: hull vertices within this height of the lowest one form the initial support layer.
   cfg.mesh_base_tol = 0.002
+  return cfg
+
+
+def mesh_sim_config() -> ml_collections.ConfigDict:
+  """Settings for evaluating meshes (`--backend mjx`): the default with 5 ms steps and 4 Newton / 8 line-search
+  iterations. Finer steps resolve impacts on rocking objects (mesh-path agreement 98.3% instead of 97.5%) at
+  ~4x the cost, which is fine for evaluation; training keeps the faster `default_sim_config()`.
+  """
+  cfg = default_sim_config()
+  cfg.timestep = 0.005
+  cfg.iterations = 4
+  cfg.ls_iterations = 8
   return cfg
 
 
