@@ -42,10 +42,11 @@ def default_sim_config() -> ml_collections.ConfigDict:
   cfg.timestep = 0.01
   cfg.iterations = 2
   cfg.ls_iterations = 4
-  # Contact proxy: num_points spheres at convex-hull support points (body.greedy_support). Agreement on the
-  # 600-mesh set was flat from K = 32 to 48 (97.5% mesh path) and fell at K = 24; the rollout's cost grows
-  # about linearly with K, so K = 32 is the default.
-  cfg.num_points = 32  # K: spheres per object
+  # Contact proxy: num_points spheres at convex-hull support points (body.greedy_support). On the 600-mesh set
+  # the occupancy path agrees equally at K = 24..48 (it is limited by the voxels), while the rollout's cost
+  # grows ~linearly with K: K = 24 is what reaches 20k verdicts/s on one H100 (bench/RESULTS.md). The mesh
+  # path needs K = 32 for its agreement (mesh_sim_config).
+  cfg.num_points = 24  # K: spheres per object
   cfg.num_base = 8  # of which: horizontal azimuths over the lowest layer (the initial support polygon)
   cfg.num_dirs = 256  # candidate directions for the rest, spread over the cap below
   cfg.max_tilt_deg = 60.0  # cap half-angle around straight down: tilts the object can reach before the verdict
@@ -55,7 +56,7 @@ def default_sim_config() -> ml_collections.ConfigDict:
   # Occupancy bodies.
   cfg.voxel_offset = 0.0  # support points at voxel centres (0.0; the surface crosses them) or corners (1.0)
   # Sub-voxel bottom: mean height over occupied columns in a 3x3 window (radius 1; 0 keeps the voxel layers),
-  # so a rounded or sloped bottom is not flattened into one voxel layer (occupancy agreement 92.0% -> 93.3%).
+  # so a rounded or sloped bottom is not flattened into one voxel layer (occupancy agreement +1.3% at K = 32).
   cfg.height_smoothing = 1
   cfg.base_tol = 0.25  # voxels: columns this close to the lowest bottom form the initial support layer
   cfg.boundary_weight = 1.0  # mass weight of voxels on the solid's boundary (the surface crosses them)
@@ -68,11 +69,12 @@ def default_sim_config() -> ml_collections.ConfigDict:
 
 
 def mesh_sim_config() -> ml_collections.ConfigDict:
-  """Settings for evaluating meshes (`--backend mjx`): the default with 5 ms steps and 4 Newton / 8 line-search
-  iterations. Finer steps resolve impacts on rocking objects (mesh-path agreement 98.3% instead of 97.5%) at
-  ~4x the cost, which is fine for evaluation; training keeps the faster `default_sim_config()`.
+  """Settings for evaluating meshes (`--backend mjx`): the default with K = 32, 5 ms steps and 4 Newton / 8
+  line-search iterations. Finer steps resolve impacts on rocking objects (mesh-path agreement 98.3% instead
+  of 97.5% at 10 ms) at ~5x the cost, which is fine for evaluation; training keeps `default_sim_config()`.
   """
   cfg = default_sim_config()
+  cfg.num_points = 32  # a mesh hull needs more points than a voxel hull (96.3% at K = 24, 97.5% at 32)
   cfg.timestep = 0.005
   cfg.iterations = 4
   cfg.ls_iterations = 8
