@@ -140,10 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.num_candidates = 4  # samples per held-out condition
     c.eval.batch = 16  # conditions per rollout call
 
-    c.physics = _physics_defaults()
-    # In-step verdicts use the occupancy path: K = 24 support spheres agree with DSO's protocol as often as
-    # K = 32 there (92.0% on the public mesh set) at 24k verdicts/s on an H100 (bench/RESULTS.md, Physics).
-    c.physics.num_points = 24
+    c.physics = _physics_defaults()  # the occupancy path's defaults (K = 24; bench/RESULTS.md, Physics)
     return c
 
 
