@@ -48,7 +48,7 @@ def default_sim_config() -> ml_collections.ConfigDict:
   # path needs K = 32 for its agreement (mesh_sim_config).
   cfg.num_points = 24  # K: spheres per object
   cfg.num_base = 8  # of which: horizontal azimuths over the lowest layer (the initial support polygon)
-  cfg.num_dirs = 256  # candidate directions for the rest, spread over the cap below
+  cfg.num_dirs = 128  # candidate directions for the rest, spread over the cap below (256: same agreement)
   cfg.max_tilt_deg = 60.0  # cap half-angle around straight down: tilts the object can reach before the verdict
   cfg.sphere_radius = 0.004  # metres; spheres sit on their support point (offset straight up)
   cfg.threshold_deg = 20.0  # DSO: stable iff angle < 20 degrees
@@ -75,6 +75,7 @@ def mesh_sim_config() -> ml_collections.ConfigDict:
   """
   cfg = default_sim_config()
   cfg.num_points = 32  # a mesh hull needs more points than a voxel hull (96.3% at K = 24, 97.5% at 32)
+  cfg.num_dirs = 256
   cfg.timestep = 0.005
   cfg.iterations = 4
   cfg.ls_iterations = 8
