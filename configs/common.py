@@ -182,8 +182,8 @@ def apply_toy(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.lora.alpha = 16.0
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 10
-    c.train.steps = 60
-    c.train.batch_size = 8  # conditions per step (online)
+    c.train.steps = 40
+    c.train.batch_size = 6  # conditions per step (online)
     c.train.grad_accum = 1
     c.train.log_every = 4
     c.train.ckpt_every = 20
@@ -194,7 +194,7 @@ def apply_toy(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.sampler.cfg_strength = 3.0
     c.online.num_candidates = 8
     c.online.updates_per_sample = 2
-    c.eval.num_conditions = 64
+    c.eval.num_conditions = 48
     c.eval.num_candidates = 4
     c.eval.batch = 16
     return c
