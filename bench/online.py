@@ -17,16 +17,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-
-def timed(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+sys.path.insert(0, os.path.dirname(__file__))
+from ssflow import _median_time  # noqa: E402
 
 
 def main():
@@ -72,14 +64,14 @@ def main():
     sample = jax.jit(lambda p, c, key: sample_from_config(
         apply_fn, p, jax.random.normal(key, (b * k,) + latent), jnp.repeat(c, k, axis=0), config.sampler))
     z = sample(params, cond, jax.random.key(4)).block_until_ready()
-    rows.append(("sample (12-step CFG)", timed(lambda: sample(params, cond, jax.random.key(4)).block_until_ready(), args.reps)))
+    rows.append(("sample (12-step CFG)", _median_time(lambda: sample(params, cond, jax.random.key(4)).block_until_ready(), args.reps, 1)))
     decode = jax.jit(lambda dp, z: decode_fn(dp, z)[:, 0] > 0)
     occ = decode(dec_params, z).block_until_ready()
-    rows.append(("decode 64^3", timed(lambda: decode(dec_params, z).block_until_ready(), args.reps)))
+    rows.append(("decode 64^3", _median_time(lambda: decode(dec_params, z).block_until_ready(), args.reps, 1)))
     simulate = jax.jit(stability)
     verdict = simulate(occ)
     jax.block_until_ready(verdict)
-    rows.append(("simulate (MJX)", timed(lambda: jax.block_until_ready(simulate(occ)), args.reps)))
+    rows.append(("simulate (MJX)", _median_time(lambda: jax.block_until_ready(simulate(occ)), args.reps, 1)))
     labelled = {"cond": cond, "z": z.reshape((b, k) + latent), "stable": verdict["stable"].reshape(b, k)}
     loss_fn = online.online_loss("dro")
 
@@ -90,7 +82,7 @@ def main():
         return st.replace(overlay=optax.apply_updates(st.overlay, upd), opt_state=opt), m
 
     jax.block_until_ready(update(state, base, labelled))
-    rows.append(("update (DRO, all candidates)", timed(lambda: jax.block_until_ready(update(state, base, labelled)), args.reps)))
+    rows.append(("update (DRO, all candidates)", _median_time(lambda: jax.block_until_ready(update(state, base, labelled)), args.reps, 1)))
 
     step = jax.jit(online.make_online_step(apply_fn, decode_fn, stability, tx, config, latent_shape=latent, dtype=dtype,
                                            schedule=lambda s: 5e-6))

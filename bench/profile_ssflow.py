@@ -17,14 +17,12 @@ import gzip
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from ssflow import COND_LEN, FLOP_PER_SAMPLE, FLOW_ARGS  # noqa: E402
+from ssflow import COND_LEN, FLOP_PER_SAMPLE, FLOW_ARGS, _median_time  # noqa: E402
 
 
 def build(batch, attn_impl, patch=None):
@@ -51,16 +49,6 @@ def build(batch, attn_impl, patch=None):
     finally:
         attention.dot_product_attention, layers.layer_norm_no_affine = saved
     return (lambda: fwd(params, x, t, c).block_until_ready())
-
-
-def timeit(fn, reps=10):
-    fn(), fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def kernel_table(fn, n=3, top=25):
@@ -96,7 +84,7 @@ def main():
     rows = []
     for v in args.variants.split(","):
         fn = build(args.batch, args.attn_impl, None if v == "base" else v)
-        s = timeit(fn)
+        s = _median_time(fn, 10)
         rows.append((v, s))
         if args.trace and v == "base":
             kernel_table(fn)
