@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 
 import ml_collections
@@ -172,11 +173,11 @@ def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def apply_toy(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The main job: online DSO on the toy world with the shipped toy model, on a 2-core CPU in minutes."""
-    from configs import pretrain_toy
-
     c.mode = "online"
-    c.model.args = ml_collections.ConfigDict(pretrain_toy.TOY_SS_FLOW_ARGS)
     c.model.path = os.path.join(REPO, "ported_weights", "toy")
+    # The architecture is the shipped model's own (its config.json), so config and weights cannot drift apart.
+    with open(os.path.join(c.model.path, "config.json")) as f:
+        c.model.args = ml_collections.ConfigDict(json.load(f)["args"])
     c.model.remat = False
     c.lora.rank = 8
     c.lora.alpha = 16.0
