@@ -34,8 +34,8 @@ StabilityFn = Callable[[jax.Array], dict]  # occ (N, D, D, D) -> {'stable', 'ang
 
 
 def policy_params(base, overlay, dtype):
-    """base ⊕ overlay without gradient, with the block weights pre-cast to the compute dtype."""
-    params = jax.lax.stop_gradient(lora.merge(base, overlay))
+    """base ⊕ overlay (``overlay=None``: the base alone) without gradient, block weights pre-cast to ``dtype``."""
+    params = jax.lax.stop_gradient(base if overlay is None else lora.merge(base, overlay))
     return params if jnp.dtype(dtype) == jnp.float32 else cast_block_weights(params, dtype)
 
 

@@ -237,8 +237,7 @@ def make_decoder(dec_cfg, dtype, seed: int):
 def _evaluate_online(config, workdir, rollout, base, overlay, dec_params, dtype, tag: str) -> dict:
     """Held-out stable rate / angle / IoU of base ⊕ overlay (``overlay=None``: the pretrained model)."""
     held = toy_conditions.heldout(config.eval.seed, config.eval.num_conditions)
-    params = base if overlay is None else lora.merge(base, overlay)
-    params = _cast(params, dtype)
+    params = online.policy_params(base, overlay, dtype)
     res = evaluation.evaluate(rollout, params, dec_params, held["cond"], jax.random.key(config.eval.seed),
                               batch=config.eval.batch, reference=held["occ"])
     if jax.process_index() == 0:
@@ -248,12 +247,6 @@ def _evaluate_online(config, workdir, rollout, base, overlay, dec_params, dtype,
         toy_render.save_objects(os.path.join(workdir, f"generations_{tag}.png"), res["occ"][:n],
                                 [f"{tag} {a:.0f} deg" for a in res["angle"][:n, 0]], res["stable"][:n, 0])
     return res
-
-
-def _cast(params, dtype):
-    from dso_jax.models.layers import cast_block_weights
-
-    return params if jnp.dtype(dtype) == jnp.float32 else cast_block_weights(params, dtype)
 
 
 def _finish_online(config, workdir, before, after, seconds) -> dict:
