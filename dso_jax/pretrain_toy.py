@@ -13,9 +13,11 @@ the static check and (``eval.physics = 'mjx'``) the MJX verdict of ``dso_jax.phy
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -29,7 +31,7 @@ import numpy as np
 
 from dso_jax import sampling
 from dso_jax.convert import trellis
-from dso_jax.data import toy_codec, toy_pretrain
+from dso_jax.data import toy, toy_codec, toy_pretrain
 from dso_jax.models import pretrained
 
 MANIFEST_FORMAT = "dso_jax.toy_pretrained.v1"
@@ -68,6 +70,33 @@ def num_params(params) -> int:
 # ----------------------------------------------------------------------------------------------- train
 
 
+def train_batches(seed: int, batch_size: int, steps: int, workers: int):
+    """Yield the (B, 32³) bool objects of steps 0 .. steps-1 in order (``toy.train_batch``), built ahead of the
+    accelerator: by one host thread (``workers = 0``) or by ``workers`` spawned processes, each step's batch a
+    function of (seed, step) either way, at most ``2·workers`` batches in flight."""
+    if workers <= 0:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            nxt = pool.submit(toy.train_batch, seed, 0, batch_size)
+            for step in range(steps):
+                occ = nxt.result()
+                if step + 1 < steps:
+                    nxt = pool.submit(toy.train_batch, seed, step + 1, batch_size)
+                yield occ
+        return
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that holds an XLA client
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+    try:
+        queue = collections.deque()
+        submitted = 0
+        for step in range(steps):
+            while submitted < steps and len(queue) < 2 * workers:
+                queue.append(pool.submit(toy.train_batch, seed, submitted, batch_size, True))
+                submitted += 1
+            yield toy.unpack_batch(queue.popleft().result())
+    finally:  # also when the consumer stops early (train.max_seconds)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def train(config, workdir: str, log=logging.info) -> tuple[dict, dict]:
     """Run ``config.train.steps`` optimizer steps; returns (EMA params as numpy, training record)."""
     apply_fn, module = build(config)
@@ -81,44 +110,47 @@ def train(config, workdir: str, log=logging.info) -> tuple[dict, dict]:
 
     os.makedirs(workdir, exist_ok=True)
     jsonl = open(os.path.join(workdir, "metrics.jsonl"), "w")
-    steps, bs, seed = config.train.steps, config.data.batch_size, config.seed
-    history, sums, count = [], {}, 0
+    steps, max_s = config.train.steps, float(config.train.max_seconds)
+    history, sums, pending, stopped = [], {}, [], None
     t_start = t_last = time.time()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        nxt = pool.submit(toy_pretrain.train_occupancy, seed, 0, bs)
-        for step in range(steps):
-            occ = nxt.result()
-            if step + 1 < steps:
-                nxt = pool.submit(toy_pretrain.train_occupancy, seed, step + 1, bs)
-            state, metrics = step_fn(state, occ)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            bad = [k for k, v in metrics.items() if not np.isfinite(v)]
-            if bad:
-                raise FloatingPointError(f"toy pretraining step {step + 1}: non-finite {bad}; stopping")
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-            done = step + 1
-            if done % config.train.log_every == 0 or done == steps:
-                now = time.time()
-                rec = {"step": done, **{k: v / count for k, v in sums.items()},
-                       "steps_per_s": count / max(now - t_last, 1e-9), "elapsed_s": now - t_start}
-                if config.train.eval_every and (done % config.train.eval_every == 0 or done == steps):
-                    quick = evaluate(apply_fn, state.ema, config, num_conditions=config.eval.quick_conditions,
-                                     physics="static")
-                    rec.update({f"eval_{k}": v for k, v in quick["summary"].items() if np.isscalar(v)})
-                    t_now = time.time()
-                    rec["eval_s"] = t_now - now
-                    now = t_now
-                jsonl.write(json.dumps(rec) + "\n")
-                jsonl.flush()
-                history.append(rec)
-                log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-                sums, count, t_last = {}, 0, now
+    for step, occ in enumerate(train_batches(config.seed, config.data.batch_size, steps, config.train.workers)):
+        state, metrics = step_fn(state, occ)
+        pending.append(metrics)  # fetched at the next log line, so the host never waits on a step
+        done = step + 1
+        if max_s > 0 and time.time() - t_start >= max_s and done < steps:
+            stopped = done
+        if done % config.train.log_every == 0 or done == steps or stopped:
+            for i, m in enumerate(jax.device_get(pending)):
+                bad = [k for k, v in m.items() if not np.isfinite(v)]
+                if bad:
+                    raise FloatingPointError(f"toy pretraining step {done - len(pending) + i + 1}: non-finite {bad}; "
+                                             "stopping")
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            count, pending = len(pending), []
+            now = time.time()
+            rec = {"step": done, **{k: v / count for k, v in sums.items()},
+                   "steps_per_s": count / max(now - t_last, 1e-9), "elapsed_s": now - t_start}
+            if config.train.eval_every and (done % config.train.eval_every == 0 or done == steps):
+                quick = evaluate(apply_fn, state.ema, config, num_conditions=config.eval.quick_conditions,
+                                 physics="static")
+                rec.update({f"eval_{k}": v for k, v in quick["summary"].items() if np.isscalar(v)})
+                t_now = time.time()
+                rec["eval_s"] = t_now - now
+                now = t_now
+            jsonl.write(json.dumps(rec) + "\n")
+            jsonl.flush()
+            history.append(rec)
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+            sums, t_last = {}, now
+        if stopped:
+            log(f"toy pretraining: train.max_seconds={max_s:g} reached after {done} of {steps} steps; stopping")
+            break
     jsonl.close()
     wall = time.time() - t_start
     ema = jax.tree.map(np.asarray, jax.device_get(state.ema))
-    return ema, {"wall_s": wall, "history": history, "final": history[-1] if history else {}}
+    return ema, {"wall_s": wall, "history": history, "final": history[-1] if history else {},
+                 "steps_done": stopped or steps}
 
 
 # -------------------------------------------------------------------------------------------- evaluate
@@ -212,8 +244,6 @@ def evaluate(apply_fn, params, config, *, num_conditions: int | None = None, phy
     else:
         raise ValueError(f"eval.physics must be 'mjx' or 'static', got {physics!r}")
     per_kind = {}
-    from dso_jax.data import toy
-
     for k, name in enumerate(toy.KINDS):
         sel = objs["kind"] == k
         if sel.any():
@@ -273,7 +303,7 @@ def make_manifest(config, params, record: dict, evaluation: dict | None) -> dict
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "config": config.to_dict(),
         "seed": config.seed,
-        "steps": config.train.steps,
+        "steps": record.get("steps_done", config.train.steps),
         "wall_time_s": round(record["wall_s"], 1),
         "final_loss": record["final"].get("loss"),
         "git_commit": _git_commit(),

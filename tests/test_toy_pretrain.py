@@ -27,6 +27,16 @@ def test_batches_are_a_function_of_seed_and_step():
     assert not np.array_equal(a, toy_pretrain.train_occupancy(1, 5, 3))
 
 
+def test_worker_processes_give_the_same_batches_as_one_thread():
+    one = list(pretrain_toy.train_batches(3, 2, 4, workers=0))
+    many = pretrain_toy.train_batches(3, 2, 4, workers=2)
+    assert len(one) == 4
+    for step, a in enumerate(one):
+        np.testing.assert_array_equal(a, toy_pretrain.train_occupancy(3, step, 2))
+        np.testing.assert_array_equal(next(many), a)  # packed across processes, unpacked bit for bit
+    many.close()  # a consumer that stops early shuts the pool down
+
+
 def test_trellis_init_zeroes_modulation_and_output(micro):
     _, module = pretrain_toy.build(micro)
     params = pretrain_toy.init_params(module, micro)
@@ -86,3 +96,13 @@ def test_micro_run_loss_decreases_and_folder_loads_back(micro, tmp_path):
     again = pretrain_toy.train(micro, str(tmp_path / "again"), log=lambda s: None)[0]
     for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_max_seconds_stops_early_and_says_so(micro, tmp_path):
+    cfg = micro.copy_and_resolve_references()
+    cfg.unlock()
+    cfg.train.max_seconds = 1e-9  # reached after the first step
+    lines = []
+    _, record = pretrain_toy.train(cfg, str(tmp_path), log=lines.append)
+    assert record["steps_done"] == 1 and record["history"][-1]["step"] == 1
+    assert any("max_seconds" in line for line in lines)

@@ -32,8 +32,7 @@ ApplyFn = Callable[..., jax.Array]
 
 def train_occupancy(seed: int, step: int, batch_size: int) -> np.ndarray:
     """The objects of step ``step``: (B, 32, 32, 32) bool from the train split, a function of (seed, step)."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7, int(step)]))
-    return toy.sample_objects(rng, batch_size, "train")["occ"]
+    return toy.train_batch(seed, step, batch_size)
 
 
 def model_inputs(occ, latent_scale: float = 1.0):
