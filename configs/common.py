@@ -140,6 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.num_conditions = 64
     c.eval.num_candidates = 4  # samples per held-out condition
     c.eval.batch = 16  # conditions per rollout call
+    c.eval.every = 0  # online: also evaluate held out every this many steps (metrics.jsonl heldout_*); 0 = never
 
     c.physics = _physics_defaults()  # the occupancy path's defaults (K = 24; bench/RESULTS.md, Physics)
     return c
@@ -181,13 +182,13 @@ def apply_toy(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.remat = False
     c.lora.rank = 8
     c.lora.alpha = 16.0
-    c.optim.lr = 1e-3
+    c.optim.lr = 5e-4  # bench/RESULTS.md, main job: 1e-3 traded too much IoU for stability
     c.optim.warmup_steps = 10
-    c.train.steps = 40
+    c.train.steps = 48
     c.train.batch_size = 6  # conditions per step (online)
     c.train.grad_accum = 1
     c.train.log_every = 4
-    c.train.ckpt_every = 20
+    c.train.ckpt_every = 24
     c.train.keep_ckpts = 2
     c.data.kind = "toy"
     c.decoder.kind = "toy_codec"

@@ -207,6 +207,15 @@ class MetricWriter:
         self.sums, self.count = {}, 0
         return means
 
+    def add_heldout(self, step: int, metrics: dict) -> None:
+        """Record a held-out evaluation made during training (``eval.every``) as ``heldout_*`` keys."""
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"heldout/{k}", float(v), step)
+            self.writer.flush()
+            self.jsonl.write(json.dumps({"step": step, **{f"heldout_{k}": float(v) for k, v in metrics.items()}}) + "\n")
+            self.jsonl.flush()
+
     def close(self):
         if self.writer is not None:
             self.writer.close()
@@ -234,13 +243,14 @@ def make_decoder(dec_cfg, dtype, seed: int):
     return pretrained.make_apply_fn(module), params
 
 
-def _evaluate_online(config, workdir, rollout, base, overlay, dec_params, dtype, tag: str) -> dict:
-    """Held-out stable rate / angle / IoU of base ⊕ overlay (``overlay=None``: the pretrained model)."""
+def _evaluate_online(config, workdir, rollout, base, overlay, dec_params, dtype, tag: str | None) -> dict:
+    """Held-out stable rate / angle / IoU of base ⊕ overlay (``overlay=None``: the pretrained model);
+    ``tag`` names the render ``generations_{tag}.png`` (None: no render)."""
     held = toy_conditions.heldout(config.eval.seed, config.eval.num_conditions)
     params = online.policy_params(base, overlay, dtype)
     res = evaluation.evaluate(rollout, params, dec_params, held["cond"], jax.random.key(config.eval.seed),
                               batch=config.eval.batch, reference=held["occ"])
-    if jax.process_index() == 0:
+    if tag is not None and jax.process_index() == 0:
         from dso_jax.data import toy_render
 
         n = min(6, len(held["occ"]))
@@ -250,11 +260,7 @@ def _evaluate_online(config, workdir, rollout, base, overlay, dec_params, dtype,
 
 
 def _finish_online(config, workdir, before, after, seconds) -> dict:
-    summary = evaluation.write_summary(workdir, before, after, seconds, {
-        "loss": config.loss, "steps": config.train.steps, "eval_conditions": config.eval.num_conditions,
-        "eval_candidates": config.eval.num_candidates})
-    evaluation.print_summary(summary)
-    steps, rates = [], []
+    steps, rates, heldout = [], [], []
     path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(path):
         with open(path) as f:
@@ -263,6 +269,14 @@ def _finish_online(config, workdir, before, after, seconds) -> dict:
                 if "stable_rate" in row:
                     steps.append(row["step"])
                     rates.append(row["stable_rate"])
+                elif "heldout_stable_rate" in row:  # eval.every: the held-out trajectory
+                    heldout.append(row)
+    extra = {"loss": config.loss, "steps": config.train.steps, "eval_conditions": config.eval.num_conditions,
+             "eval_candidates": config.eval.num_candidates}
+    if heldout:
+        extra["heldout_curve"] = heldout
+    summary = evaluation.write_summary(workdir, before, after, seconds, extra)
+    evaluation.print_summary(summary)
     if steps:
         evaluation.plot_curve(os.path.join(workdir, "stable_rate.png"), steps, rates, "stable rate of fresh samples",
                               f"online {config.loss.upper()} (toy world)")
@@ -410,6 +424,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state, metrics = run_step(state, batch)
             done = (rnd + 1) * per_round
             pending.append((done, metrics))
+            if online_mode and config.eval.every and done % config.eval.every < per_round and done < total:
+                drain(keep=0)
+                mid = _evaluate_online(config, workdir, rollout, base, state.overlay, dec_params, dtype, None)
+                writer.add_heldout(done, {k: mid[k] for k in ("stable_rate", "mean_angle", "iou")})
             if done % config.train.ckpt_every < per_round or done == total:
                 drain(keep=0)  # never checkpoint a state whose metrics were not checked
                 ckpt.save(done, state, {"step": done, "data_position": done, "loss": config.loss, "seed": config.seed})
