@@ -26,6 +26,8 @@ def _shorten(config):
 
 def test_shortened_main_job_writes_the_summary(tmp_path):
     config = _shorten(dro.get_config("toy"))
+    config.train.steps = 3
+    config.eval.every = 1  # held out after steps 1 and 2 (the last step is the "after" evaluation)
     assert os.path.isdir(config.model.path), f"the main job needs the shipped toy model at {config.model.path}"
     train.train_and_evaluate(config, str(tmp_path))
     with open(tmp_path / "summary.json") as f:
@@ -33,6 +35,9 @@ def test_shortened_main_job_writes_the_summary(tmp_path):
     keys = {"stable_rate_before", "stable_rate_after", "mean_angle_before", "mean_angle_after", "iou_before", "iou_after", "seconds"}
     assert keys <= set(summary)
     assert 0.0 <= summary["stable_rate_after"] <= 1.0 and 0.0 <= summary["iou_after"] <= 1.0
+    curve = summary["heldout_curve"]
+    assert [row["step"] for row in curve] == [1, 2]
+    assert all(0.0 <= row["heldout_stable_rate"] <= 1.0 and 0.0 <= row["heldout_iou"] <= 1.0 for row in curve)
     for png in ("stable_rate.png", "generations_before.png", "generations_after.png"):
         assert (tmp_path / png).stat().st_size > 0, png
 
