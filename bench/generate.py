@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -26,14 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
-
-def _median(fn, reps):
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from ssflow import _median_time  # noqa: E402  (bench/ is on the path when run as a script)
 
 
 def bench_batch(models, images_per_batch, args, physics):
@@ -52,14 +44,14 @@ def bench_batch(models, images_per_batch, args, physics):
     out = jax.block_until_ready(gen(images, noise, simulate=True))
     compile_s = time.perf_counter() - t0
     occ = out["occupancy"]
-    sample_s = _median(lambda: jax.block_until_ready(gen(images, noise)), args.reps)
-    sim_s = _median(lambda: jax.block_until_ready(stability(occ)), args.reps)
+    sample_s = _median_time(lambda: jax.block_until_ready(gen(images, noise)), args.reps, 0)
+    sim_s = _median_time(lambda: jax.block_until_ready(stability(occ)), args.reps, 0)
 
     def end_to_end():
         res = gen(images, noise, simulate=True)
         return jax.device_get({k: v for k, v in res.items() if k != "occupancy"})
 
-    total_s = _median(end_to_end, args.reps)
+    total_s = _median_time(end_to_end, args.reps, 0)
     host = end_to_end()
     objects = images_per_batch * args.num_samples
     mem = jax.devices()[0].memory_stats() or {}

@@ -147,8 +147,7 @@ def test_models_load_from_trellis_prefixes_and_a_converted_dinov2_folder(tmp_pat
     import helpers_trellis
     from safetensors.numpy import save_file
 
-    from dso_jax.convert import dinov2 as convert_dinov2
-    from dso_jax.convert import trellis
+    from dso_jax.convert import rules, trellis
     from dso_jax.models import dinov2
 
     flow_args, dec_args, dino_name = generate.RANDOM_PRESETS["tiny"]
@@ -158,7 +157,7 @@ def test_models_load_from_trellis_prefixes_and_a_converted_dinov2_folder(tmp_pat
         prefixes[name] = helpers_trellis.write_checkpoint(str(tmp_path / "ckpts" / name), config,
                                                           helpers_trellis.random_state_dict(config))
     cfg = dinov2.get_config(dino_name)
-    flat = convert_dinov2.flatten_params(generate.load_models(random_weights="tiny").dinov2_params)
+    flat = rules.flatten(generate.load_models(random_weights="tiny").dinov2_params)
     flat = {k: np.asarray(v) for k, v in flat.items()}
     folder = tmp_path / "dinov2"
     folder.mkdir()

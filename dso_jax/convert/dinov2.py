@@ -10,12 +10,14 @@ The output is float32 (master weights); the released file is float32 already.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Callable
 
 import numpy as np
+
+from dso_jax.convert.rules import flatten, sha256_file, unflatten
+from dso_jax.convert.verify import ConversionError  # noqa: F401  (raised here; re-exported for callers)
 
 Rule = Callable[[np.ndarray], np.ndarray]
 
@@ -73,10 +75,6 @@ def dinov2_key_table(cfg) -> list[tuple[str, str, Rule, tuple[int, ...]]]:
     return t
 
 
-class ConversionError(ValueError):
-    """A state dict does not match the expected architecture; the message names every bad key."""
-
-
 def convert_dinov2_state_dict(sd: dict[str, np.ndarray], cfg) -> dict:
     """PyTorch state dict (numpy arrays) -> nested Flax params (float32) for ``DinoVisionTransformer(cfg)``."""
     table = dinov2_key_table(cfg)
@@ -124,41 +122,12 @@ def load_dinov2_pth(path: str) -> dict[str, np.ndarray]:
 PARAMS_FILE, CONFIG_FILE, MANIFEST_FILE = "params.safetensors", "config.json", "manifest.json"
 
 
-def flatten_params(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    flat = {}
-    for k, v in params.items():
-        if isinstance(v, dict):
-            flat.update(flatten_params(v, f"{prefix}{k}/"))
-        else:
-            flat[f"{prefix}{k}"] = np.asarray(v)
-    return flat
-
-
-def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
-    params: dict = {}
-    for key, v in flat.items():
-        node = params
-        *parents, leaf = key.split("/")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = v
-    return params
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert_dinov2_file(src: str, dst: str, cfg) -> dict:
     """Convert a ``.pth`` into ``dst/`` (params, config, manifest); returns the nested params."""
     from safetensors.numpy import save_file
 
     params = convert_dinov2_state_dict(load_dinov2_pth(src), cfg)
-    flat = flatten_params(params)
+    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
     os.makedirs(dst, exist_ok=True)
     save_file(flat, os.path.join(dst, PARAMS_FILE))
     with open(os.path.join(dst, CONFIG_FILE), "w") as f:
@@ -189,4 +158,4 @@ def load_converted_dinov2(path: str) -> tuple[dict, dict]:
     if listed != found:
         bad = sorted(k for k in set(listed) | set(found) if listed.get(k) != found.get(k))
         raise ConversionError(f"{path}: {PARAMS_FILE} does not match {MANIFEST_FILE} at {bad}")
-    return config, unflatten_params(flat)
+    return config, unflatten(flat)
