@@ -75,8 +75,9 @@ def main():
     import jax
 
     from dso_jax import generate
+    from dso_jax.physics import rollout
 
-    physics = generate.physics_from_overrides(args.sim)
+    physics = rollout.with_overrides(rollout.default_sim_config(), args.sim, flag="--sim")
     t0 = time.perf_counter()
     models = generate.load_models(random_weights=args.preset)
     load_s = time.perf_counter() - t0

@@ -92,22 +92,14 @@ def main():
   if args.triton_gemm_any:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_triton_gemm_any=true").strip()
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  import ast
 
   import jax
   import numpy as np
 
   from dso_jax.physics import rollout
 
-  cfg = rollout.default_sim_config()
+  cfg = rollout.with_overrides(rollout.default_sim_config(), args.set)
   cfg.impl = args.impl
-  for item in args.set:
-    k, v = item.split("=", 1)
-    try:
-      v = ast.literal_eval(v)
-    except (ValueError, SyntaxError):
-      pass
-    cfg[k] = v
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
   print(f"config: K={cfg.num_points} horizon={cfg.horizon_s}s dt={cfg.timestep} steps={rollout.num_steps(cfg)} "

@@ -580,17 +580,3 @@ def generator_from_args(args, physics=None, lora: Optional[str] = None,
     sampler = SamplerSettings(args.steps, args.cfg_strength, tuple(args.cfg_interval), args.rescale_t)
     return Generator(models, sampler, images_per_batch=args.batch_images, dinov2_dtype=args.dinov2_dtype,
                      physics=physics)
-
-
-def physics_from_overrides(overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    """``default_sim_config()`` with ``KEY=VALUE`` overrides (types follow the defaults; unknown keys raise)."""
-    from dso_jax.physics.rollout import default_sim_config
-
-    cfg = default_sim_config()
-    for item in overrides or ():
-        key, sep, value = item.partition("=")
-        if not sep or key not in cfg:
-            raise ValueError(f"--sim {item!r}: expected KEY=VALUE with KEY in {sorted(cfg.keys())}")
-        old = cfg[key]
-        cfg[key] = (value.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(value)
-    return cfg

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 def main(argv=None) -> int:
     from dso_jax import generate
+    from dso_jax.physics import rollout
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", required=True, nargs="+", help='glob(s) such as "ROOT/category/*/*.png" (quote them)')
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     paths = generate.expand_images(args.images)
-    physics = generate.physics_from_overrides(args.sim)
+    physics = rollout.with_overrides(rollout.default_sim_config(), args.sim, flag="--sim")
     gen = generate.generator_from_args(args, physics=physics, lora=args.lora or None, lora_alpha=args.lora_alpha)
     summary = generate.generate_dataset(gen, paths, args.out, num_samples=args.num_samples, seed=args.seed,
                                         noise_file=args.noise_file or None, background=args.background)

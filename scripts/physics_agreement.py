@@ -8,13 +8,12 @@ Runs three answers per mesh and prints confusion matrices against the reference:
               `rollout.make_stability_fn` (voxel mass properties, interior fill).
 
   python scripts/physics_agreement.py --mesh_dir runs/mesh_set/meshes --up_dir z --out runs/agreement.json
-  (--set horizon_s=3.0 --set num_ring=8 ... override sim config keys; --x64 runs MJX in float64)
+  (--set horizon_s=3.0 --set num_points=32 ... override sim config keys; --x64 runs MJX in float64)
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import glob
 import json
 import os
@@ -65,19 +64,9 @@ def main():
   from dso_jax.physics import body as body_lib
   from dso_jax.physics import mesh_io, reference, rollout
 
-  cfg = rollout.default_sim_config()
-  mesh_cfg = rollout.mesh_sim_config()  # the mesh path evaluates with finer steps (rollout.mesh_sim_config)
-  overrides = {}
-  for item in args.set:
-    key, value = item.split("=", 1)
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass
-    overrides[key] = value
-  for key, value in overrides.items():
-    cfg[key] = value
-    mesh_cfg[key] = value
+  cfg = rollout.with_overrides(rollout.default_sim_config(), args.set)
+  # the mesh path evaluates with finer steps (rollout.mesh_sim_config); the overrides apply to both
+  mesh_cfg = rollout.with_overrides(rollout.mesh_sim_config(), args.set)
   print("occupancy sim config:", {k: cfg[k] for k in cfg})
   print("mesh sim config differs in:", {k: mesh_cfg[k] for k in mesh_cfg if mesh_cfg[k] != cfg[k]})
 

@@ -113,3 +113,14 @@ def test_warp_backend_matches_jax_where_installed():
   cfg.impl = "warp"
   out_warp = jax.device_get(jax.jit(rollout.make_stability_fn(cfg))(occ))
   np.testing.assert_allclose(out_warp["angle"], out_jax["angle"], atol=0.05)
+
+
+def test_command_line_overrides_keep_types_and_name_bad_keys():
+  base = rollout.default_sim_config()
+  cfg = rollout.with_overrides(base, ["horizon_s=0.5", "num_points=32", "impl=warp", "fill_interior=false"])
+  assert (cfg.horizon_s, cfg.num_points, cfg.impl, cfg.fill_interior) == (0.5, 32, "warp", False)
+  assert isinstance(cfg.num_points, int) and base.num_points == 24  # a copy: the defaults stay
+  with pytest.raises(ValueError, match=r"^--sim 'num_spheres=8': expected KEY=VALUE with KEY in \['base_tol'"):
+    rollout.with_overrides(base, ["num_spheres=8"], flag="--sim")
+  with pytest.raises(ValueError, match="expected KEY=VALUE"):
+    rollout.with_overrides(base, ["horizon_s"])

@@ -10,12 +10,14 @@ angle < threshold.
 Public entry points:
   default_sim_config()            ConfigDict embedded by training configs as `config.physics`.
   mesh_sim_config()               the same with finer steps, for evaluating meshes.
+  with_overrides(cfg, items)      cfg with command-line KEY=VALUE overrides.
   make_stability_fn(cfg)          fn(occ (B, D, D, D)) -> dict of (B,) arrays; pure, jittable.
   make_simulator(cfg)             fn(bodies dict of (B, ...)) -> dict of (B,) arrays (mesh path).
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 
 import jax
@@ -79,6 +81,28 @@ def mesh_sim_config() -> ml_collections.ConfigDict:
   cfg.timestep = 0.005
   cfg.iterations = 4
   cfg.ls_iterations = 8
+  return cfg
+
+
+def with_overrides(cfg: ml_collections.ConfigDict, items, flag: str = "--set") -> ml_collections.ConfigDict:
+  """A copy of `cfg` with command-line `KEY=VALUE` overrides applied (`--set` / `--sim` of the CLIs).
+
+  Values are Python literals (`24`, `0.005`, `(1, 2)`), anything else a string (`warp`); booleans also take
+  1/0, true/false, yes/no. An unknown key or a missing `=` raises one line naming the flag and the keys.
+  """
+  cfg = cfg.copy_and_resolve_references()
+  for item in items or ():
+    key, sep, text = item.partition("=")
+    if not sep or key not in cfg:
+      raise ValueError(f"{flag} {item!r}: expected KEY=VALUE with KEY in {sorted(cfg.keys())}")
+    if isinstance(cfg[key], bool):
+      value = text.strip().lower() in ("1", "true", "yes")
+    else:
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        value = text
+    cfg[key] = value
   return cfg
 
 
