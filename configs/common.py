@@ -89,7 +89,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.ckpt_every = 500
     c.train.keep_ckpts = 3
-    c.train.eval_every = 0  # 0 = never (evaluation arrives with the online issue)
     c.train.peft_export = "full"  # beside each checkpoint: 'full' (DSO-style state dict) | 'lora' | 'none'
 
     c.flow = ml_collections.ConfigDict()
@@ -117,7 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.distributed = False  # call jax.distributed.initialize() (multi-host)
 
-    # Placeholders for the online issue, declared here so each key exists once.
+    # Online mode (config.mode = "online"): the sampler of the fresh candidates, and how many per condition.
     c.sampler = ml_collections.ConfigDict()
     c.sampler.steps = 12
     c.sampler.cfg_strength = 7.5

@@ -31,7 +31,7 @@ import numpy as np
 
 from dso_jax import sampling
 from dso_jax.convert import trellis
-from dso_jax.data import toy, toy_codec, toy_pretrain
+from dso_jax.data import toy, toy_codec, toy_conditions, toy_pretrain
 from dso_jax.models import pretrained
 
 MANIFEST_FORMAT = "dso_jax.toy_pretrained.v1"
@@ -92,7 +92,7 @@ def train_batches(seed: int, batch_size: int, steps: int, workers: int):
             while submitted < steps and len(queue) < 2 * workers:
                 queue.append(pool.submit(toy.train_batch, seed, submitted, batch_size, True))
                 submitted += 1
-            yield toy.unpack_batch(queue.popleft().result())
+            yield toy.unpack_occ(queue.popleft().result())
     finally:  # also when the consumer stops early (train.max_seconds)
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -112,6 +112,7 @@ def train(config, workdir: str, log=logging.info) -> tuple[dict, dict]:
     jsonl = open(os.path.join(workdir, "metrics.jsonl"), "w")
     steps, max_s = config.train.steps, float(config.train.max_seconds)
     history, sums, pending, stopped = [], {}, [], None
+    quick_sampler = None  # compiled at the first in-training evaluation, then reused
     t_start = t_last = time.time()
     for step, occ in enumerate(train_batches(config.seed, config.data.batch_size, steps, config.train.workers)):
         state, metrics = step_fn(state, occ)
@@ -132,8 +133,9 @@ def train(config, workdir: str, log=logging.info) -> tuple[dict, dict]:
             rec = {"step": done, **{k: v / count for k, v in sums.items()},
                    "steps_per_s": count / max(now - t_last, 1e-9), "elapsed_s": now - t_start}
             if config.train.eval_every and (done % config.train.eval_every == 0 or done == steps):
+                quick_sampler = quick_sampler or make_sampler(apply_fn, config.sampler)
                 quick = evaluate(apply_fn, state.ema, config, num_conditions=config.eval.quick_conditions,
-                                 physics="static")
+                                 physics="static", sampler=quick_sampler)
                 rec.update({f"eval_{k}": v for k, v in quick["summary"].items() if np.isscalar(v)})
                 t_now = time.time()
                 rec["eval_s"] = t_now - now
@@ -208,15 +210,17 @@ def physics_config():
 
 
 def evaluate(apply_fn, params, config, *, num_conditions: int | None = None, physics: str | None = None,
-             sampler_cfg=None, with_world: bool = False) -> dict:
-    """The held-out protocol; returns {'summary': {...scalars}, 'occ': (n, S, 32³), 'ref': (n, 32³), ...}."""
+             sampler_cfg=None, with_world: bool = False, sampler=None) -> dict:
+    """The held-out protocol; returns {'summary': {...scalars}, 'occ': (n, S, 32³), 'ref': (n, 32³), ...}.
+    ``sampler``: a ``make_sampler(apply_fn, sampler_cfg)`` to reuse (repeated evaluations compile once)."""
     ev = config.eval
     n = num_conditions or ev.num_conditions
     physics = physics or ev.physics
     sampler_cfg = sampler_cfg or config.sampler
-    objs = toy_pretrain.heldout_conditions(ev.seed, n)
+    objs = toy_conditions.heldout(ev.seed, n)
     t0 = time.time()
-    lat = generate(apply_fn, params, objs["cond"], ev.samples_per_condition, sampler_cfg, ev.seed, ev.batch)
+    lat = generate(apply_fn, params, objs["cond"], ev.samples_per_condition, sampler_cfg, ev.seed, ev.batch,
+                   sampler=sampler)
     t_sample = time.time() - t0
     occ = np.asarray(toy_codec.occupancy(lat))  # (n, S, 32³)
     m = toy_pretrain.occupancy_metrics(occ, objs["occ"])
@@ -288,11 +292,6 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def export(out: str, config, params: dict, manifest: dict) -> None:
-    """Write ``out/{params.safetensors, config.json, manifest.json}`` (the converted-folder format)."""
-    trellis.write_converted(out, model_config(config), params, manifest)
-
-
 def make_manifest(config, params, record: dict, evaluation: dict | None) -> dict:
     return {
         "format": MANIFEST_FORMAT,
@@ -343,10 +342,11 @@ def pretrain_and_evaluate(config: ml_collections.ConfigDict, workdir: str, out: 
         json.dump(config.to_dict(), f, indent=1)
     params, record = train(config, workdir, log=log)
     manifest = make_manifest(config, params, record, None)
-    export(out, config, params, manifest)  # the weights land before the (slow) evaluation
+    # the weights land before the (slow) evaluation; the converted-folder format of load_pretrained
+    trellis.write_converted(out, model_config(config), params, manifest)
 
     if config.eval.num_conditions:
         evaluation = evaluate_folder(config, out, workdir, log=log)  # evaluate exactly what was written
         manifest = make_manifest(config, params, record, evaluation)
-        export(out, config, params, manifest)
+        trellis.write_json(os.path.join(out, trellis.MANIFEST_FILE), manifest)  # the weights stay as written
     return manifest

@@ -243,10 +243,9 @@ def make_decoder(dec_cfg, dtype, seed: int):
     return pretrained.make_apply_fn(module), params
 
 
-def _evaluate_online(config, workdir, rollout, base, overlay, dec_params, dtype, tag: str | None) -> dict:
-    """Held-out stable rate / angle / IoU of base ⊕ overlay (``overlay=None``: the pretrained model);
-    ``tag`` names the render ``generations_{tag}.png`` (None: no render)."""
-    held = toy_conditions.heldout(config.eval.seed, config.eval.num_conditions)
+def _evaluate_online(config, workdir, rollout, held, base, overlay, dec_params, dtype, tag: str | None) -> dict:
+    """Held-out stable rate / angle / IoU of base ⊕ overlay (``overlay=None``: the pretrained model) on
+    ``held`` (`toy_conditions.heldout`); ``tag`` names the render ``generations_{tag}.png`` (None: no render)."""
     params = online.policy_params(base, overlay, dtype)
     res = evaluation.evaluate(rollout, params, dec_params, held["cond"], jax.random.key(config.eval.seed),
                               batch=config.eval.batch, reference=held["occ"])
@@ -373,12 +372,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise ValueError(f"train.steps {total} and the resume step {start} must be multiples of online.updates_per_sample {per_round}")
         rollout = jax.jit(online.make_rollout_fn(apply_fn, decode_fn, stability_fn, config.sampler, latent_shape,
                                                  config.eval.num_candidates))
+        held = toy_conditions.heldout(config.eval.seed, config.eval.num_conditions)  # before, eval.every, after
         before_path = os.path.join(workdir, "eval_before.json")
         if os.path.exists(before_path):
             with open(before_path) as f:
                 before = json.load(f)
         else:
-            before = _evaluate_online(config, workdir, rollout, base, None, dec_params, dtype, "before")
+            before = _evaluate_online(config, workdir, rollout, held, base, None, dec_params, dtype, "before")
             before = {k: before[k] for k in ("stable_rate", "mean_angle", "iou")}
             if is_main:
                 with open(before_path, "w") as f:
@@ -426,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             pending.append((done, metrics))
             if online_mode and config.eval.every and done % config.eval.every < per_round and done < total:
                 drain(keep=0)
-                mid = _evaluate_online(config, workdir, rollout, base, state.overlay, dec_params, dtype, None)
+                mid = _evaluate_online(config, workdir, rollout, held, base, state.overlay, dec_params, dtype, None)
                 writer.add_heldout(done, {k: mid[k] for k in ("stable_rate", "mean_angle", "iou")})
             if done % config.train.ckpt_every < per_round or done == total:
                 drain(keep=0)  # never checkpoint a state whose metrics were not checked
@@ -446,7 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for k in sorted(summary):
             print(f"  {k:18s} {summary[k]:.6g}")
     if online_mode:  # held-out evaluation of the trained overlay, summary.json and plots
-        after = _evaluate_online(config, workdir, rollout, base, state.overlay, dec_params, dtype, "after")
+        after = _evaluate_online(config, workdir, rollout, held, base, state.overlay, dec_params, dtype, "after")
         if is_main:
             summary = _finish_online(config, workdir, before, after, time.perf_counter() - t_start)
     return summary

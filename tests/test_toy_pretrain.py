@@ -10,7 +10,7 @@ import pytest
 
 from configs import pretrain_toy as pretrain_config
 from dso_jax import flow, pretrain_toy
-from dso_jax.data import toy_codec, toy_condition, toy_pretrain
+from dso_jax.data import toy, toy_codec, toy_condition, toy_pretrain
 from dso_jax.models import load_pretrained
 
 
@@ -20,11 +20,11 @@ def micro():
 
 
 def test_batches_are_a_function_of_seed_and_step():
-    a = toy_pretrain.train_occupancy(0, 5, 3)
+    a = toy.train_batch(0, 5, 3)
     assert a.shape == (3, 32, 32, 32) and a.dtype == bool
-    np.testing.assert_array_equal(a, toy_pretrain.train_occupancy(0, 5, 3))
-    assert not np.array_equal(a, toy_pretrain.train_occupancy(0, 6, 3))
-    assert not np.array_equal(a, toy_pretrain.train_occupancy(1, 5, 3))
+    np.testing.assert_array_equal(a, toy.train_batch(0, 5, 3))
+    assert not np.array_equal(a, toy.train_batch(0, 6, 3))
+    assert not np.array_equal(a, toy.train_batch(1, 5, 3))
 
 
 def test_worker_processes_give_the_same_batches_as_one_thread():
@@ -32,7 +32,7 @@ def test_worker_processes_give_the_same_batches_as_one_thread():
     many = pretrain_toy.train_batches(3, 2, 4, workers=2)
     assert len(one) == 4
     for step, a in enumerate(one):
-        np.testing.assert_array_equal(a, toy_pretrain.train_occupancy(3, step, 2))
+        np.testing.assert_array_equal(a, toy.train_batch(3, step, 2))
         np.testing.assert_array_equal(next(many), a)  # packed across processes, unpacked bit for bit
     many.close()  # a consumer that stops early shuts the pool down
 
@@ -51,7 +51,7 @@ def test_flow_loss_is_trellis_objective(micro):
     apply_fn, module = pretrain_toy.build(micro)
     params = pretrain_toy.init_params(module, micro)
     params = jax.tree.map(lambda p: p + 0.01, params)  # non-zero output
-    occ = toy_pretrain.train_occupancy(0, 0, 4)
+    occ = toy.train_batch(0, 0, 4)
     key = jax.random.PRNGKey(3)
     loss, _ = toy_pretrain.flow_loss(apply_fn, params, occ, key, micro.flow, 1.0)
 

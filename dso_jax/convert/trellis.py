@@ -275,6 +275,14 @@ def params_to_torch_state_dict(
 # ----------------------------------------------------------------------------------------------------
 
 
+def write_json(path: str, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically (a temporary file, then a rename)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
 def read_json(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
@@ -363,11 +371,8 @@ def write_converted(folder: str, config: Mapping, params: Mapping, manifest: Map
     tmp = os.path.join(folder, PARAMS_FILE + ".tmp")
     save_file(flat, tmp, metadata={"format": FORMAT, "model": str(config["name"])})
     os.replace(tmp, os.path.join(folder, PARAMS_FILE))
-    for fname, obj in ((CONFIG_FILE, config), (MANIFEST_FILE, manifest)):
-        with open(os.path.join(folder, fname + ".tmp"), "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(os.path.join(folder, fname + ".tmp"), os.path.join(folder, fname))
+    write_json(os.path.join(folder, CONFIG_FILE), config)
+    write_json(os.path.join(folder, MANIFEST_FILE), manifest)
 
 
 def read_converted(folder: str) -> tuple[dict, dict]:

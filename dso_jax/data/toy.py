@@ -370,15 +370,10 @@ def sample_objects(rng_or_seed, n: int, split: str = "train", res: int = RES, ki
 def train_batch(seed: int, step: int, batch_size: int, packed: bool = False) -> np.ndarray:
     """The pre-training objects of step ``step``: (B, 32, 32, 32) bool from the train split, a function of
     (seed, step) only (so any number of worker processes give the same run). ``packed`` returns
-    ``np.packbits`` of it (B, 4096) uint8, 8x less to send between processes."""
+    ``np.packbits`` of it (B, 4096) uint8, 8x less to send between processes (`unpack_occ` inverts it)."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7, int(step)]))
     occ = sample_objects(rng, batch_size, "train")["occ"]
     return np.packbits(occ.reshape(batch_size, -1), axis=-1) if packed else occ
-
-
-def unpack_batch(packed: np.ndarray, res: int = RES) -> np.ndarray:
-    """Inverse of ``train_batch(..., packed=True)``: (B, res³/8) uint8 -> (B, res, res, res) bool."""
-    return np.unpackbits(packed, axis=-1).astype(bool).reshape((packed.shape[0], res, res, res))
 
 
 def completions(params: dict, k: int, rng: np.random.Generator, res: int = RES) -> dict:

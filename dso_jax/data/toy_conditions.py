@@ -44,6 +44,7 @@ class ToyConditionSource:
 
 
 def heldout(seed: int, n: int) -> dict:
-    """n held-out objects: cond (n, L, C) float32 and occ (n, R, R, R) bool, deterministic in ``seed``."""
+    """n held-out objects, deterministic in ``seed``: `toy.sample_objects`'s fields (occ (n, R, R, R) bool,
+    kind, stable, margin, params) plus cond (n, L, C) float32."""
     objs = toy.sample_objects(seed, n, "heldout")
-    return {"cond": toy.conditions(objs["occ"]), "occ": objs["occ"]}
+    return dict(objs, cond=toy.conditions(objs["occ"]))

@@ -30,11 +30,6 @@ ApplyFn = Callable[..., jax.Array]
 # ------------------------------------------------------------------------------------------------ data
 
 
-def train_occupancy(seed: int, step: int, batch_size: int) -> np.ndarray:
-    """The objects of step ``step``: (B, 32, 32, 32) bool from the train split, a function of (seed, step)."""
-    return toy.train_batch(seed, step, batch_size)
-
-
 def model_inputs(occ, latent_scale: float = 1.0):
     """(B, 32³) occupancy -> x0 (B, 8, 16, 16, 16) and cond (B, 64, 64); jittable."""
     return toy_codec.encode(occ, latent_scale), toy_condition.condition_tokens(occ)
@@ -140,13 +135,6 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, config)
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-
-
-def heldout_conditions(seed: int, n: int) -> dict:
-    """n held-out objects (fixed by ``seed``): occ (n, 32³), kind, static stable, and cond (n, 64, 64)."""
-    objs = toy.sample_objects(seed, n, "heldout")
-    return dict(occ=objs["occ"], kind=objs["kind"], stable=objs["stable"], params=objs["params"],
-                cond=np.asarray(toy_condition.condition_tokens_jit(objs["occ"])))
 
 
 def world_reference(objs: dict, samples_per_condition: int, seed: int) -> dict:
