@@ -52,12 +52,11 @@ def bench_batch(models, images_per_batch, args, physics):
         return jax.device_get({k: v for k, v in res.items() if k != "occupancy"})
 
     total_s = _median_time(end_to_end, args.reps, 0)
-    host = end_to_end()
     objects = images_per_batch * args.num_samples
     mem = jax.devices()[0].memory_stats() or {}
     return dict(images=images_per_batch, objects=objects, compile_s=compile_s, sample_decode_s=sample_s,
                 simulate_s=sim_s, total_s=total_s, objects_per_min=objects / total_s * 60,
-                images_per_min=images_per_batch / total_s * 60, stable_frac=float(np.mean(host["stable"])),
+                images_per_min=images_per_batch / total_s * 60, stable_frac=float(np.mean(np.asarray(out["stable"]))),
                 occupancy_frac=float(np.mean(np.asarray(occ))), peak_gib=mem.get("peak_bytes_in_use", 0) / 2**30)
 
 

@@ -59,13 +59,14 @@ def main():
     rows = []
 
     params = online.policy_params(base, overlay, dtype)
+    from dso_jax.models.ss_decoder import occupancy_from_logits
     from dso_jax.sampling import sample_from_config
 
     sample = jax.jit(lambda p, c, key: sample_from_config(
         apply_fn, p, jax.random.normal(key, (b * k,) + latent), jnp.repeat(c, k, axis=0), config.sampler))
     z = sample(params, cond, jax.random.key(4)).block_until_ready()
     rows.append(("sample (12-step CFG)", _median_time(lambda: sample(params, cond, jax.random.key(4)).block_until_ready(), args.reps, 1)))
-    decode = jax.jit(lambda dp, z: decode_fn(dp, z)[:, 0] > 0)
+    decode = jax.jit(lambda dp, z: occupancy_from_logits(decode_fn(dp, z)))
     occ = decode(dec_params, z).block_until_ready()
     rows.append(("decode 64^3", _median_time(lambda: decode(dec_params, z).block_until_ready(), args.reps, 1)))
     simulate = jax.jit(stability)

@@ -19,7 +19,6 @@ import re
 from typing import Any, Optional
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -35,14 +34,14 @@ def _to_host(tree):
 class Checkpointer:
     """Save / restore the train state; ``peft_export`` in {'full', 'lora', 'none'}."""
 
-    def __init__(self, workdir: str, *, keep: int, peft_export: str = "full", async_save: bool = True):
+    def __init__(self, workdir: str, *, keep: int, peft_export: str = "full"):
         if peft_export not in ("full", "lora", "none"):
             raise ValueError(f"train.peft_export must be 'full', 'lora' or 'none', got {peft_export!r}")
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.peft_dir = os.path.join(os.path.abspath(workdir), "peft")
         self.peft_export = peft_export
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
+            max_to_keep=keep, create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         self._host_base = None
@@ -87,16 +86,7 @@ class Checkpointer:
             if m and int(m.group(1)) not in kept:
                 os.remove(f)
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
         logging.info("checkpoints in %s", self.directory)
-
-
-def overlay_to_numpy(overlay: lora.Overlay) -> dict:
-    """``{'path/a': array, ...}``: the overlay as a flat numpy dict (for comparisons and tests)."""
-    flat = jax.tree_util.tree_flatten_with_path(_to_host(overlay).factors)[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v) for path, v in flat}

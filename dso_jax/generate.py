@@ -31,7 +31,6 @@ import collections
 import dataclasses
 import functools
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -45,6 +44,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dso_jax import mesh_export, sampling
+from dso_jax.convert.rules import sha256_file
+from dso_jax.convert.trellis import write_json
 from dso_jax.data.images import load_images, parse_color
 from dso_jax.models import dinov2, pretrained
 from dso_jax.models.layers import cast_block_weights
@@ -194,8 +195,7 @@ def _pipeline_fn(flow_module, dec_module, dino_cfg, dino_dtype, sampler: Sampler
         cond = dinov2.encode_condition(gp, images, dino_cfg, dino_dtype)  # (I, S, Cc)
         rows_cond = jnp.repeat(cond, k, axis=0)  # (I*K, S, Cc)
         rows_noise = jnp.tile(noise, (i,) + (1,) * (noise.ndim - 1))  # (I*K, C, R, R, R)
-        z = sampling.sample(flow_apply, fp, rows_noise, rows_cond, steps=sampler.steps, rescale_t=sampler.rescale_t,
-                            cfg_strength=sampler.cfg_strength, cfg_interval=tuple(sampler.cfg_interval))
+        z = sampling.sample_from_config(flow_apply, fp, rows_noise, rows_cond, sampler)
         occ = occupancy_from_logits(dec_apply(dp, z))  # (I*K, D, D, D) bool, axes (x, y, z)
         return {"latents": z.astype(jnp.float32), "occupancy": occ, "cond": cond.astype(jnp.bfloat16)}
 
@@ -214,11 +214,6 @@ def _stability_fn(physics_json: str):
 @functools.lru_cache(maxsize=8)
 def _noise_fn(shape: tuple):
     return jax.jit(jax.vmap(lambda s: jax.random.normal(jax.random.PRNGKey(s), shape, jnp.float32)))
-
-
-def _compute_params(params, module):
-    dtype = jnp.dtype(module.dtype)
-    return params if dtype == jnp.float32 else cast_block_weights(params, dtype)
 
 
 def noise_for_seeds(seeds: Sequence[int], shape: Sequence[int]) -> np.ndarray:
@@ -244,8 +239,8 @@ class Generator:
         self.models, self.sampler, self.images_per_batch = models, sampler, int(images_per_batch)
         self.dinov2_dtype = jnp.dtype(dinov2_dtype)
         self.physics = physics
-        self._fp = _compute_params(models.flow_params, models.flow.module)
-        self._dp = _compute_params(models.decoder_params, models.decoder.module)
+        self._fp = cast_block_weights(models.flow_params, models.flow.module.dtype)
+        self._dp = cast_block_weights(models.decoder_params, models.decoder.module.dtype)
 
     def __call__(self, images: np.ndarray, noise: np.ndarray, simulate: bool = False) -> dict:
         """images (I, 518, 518, 3) uint8 with I <= images_per_batch (padded to it), noise (K, C, R, R, R) ->
@@ -291,13 +286,6 @@ def output_names(paths: Sequence[str], naming_level: int = 1) -> list[str]:
     if dup:
         raise ValueError(f"images share output names {dup[:3]}; use naming level 2 ({{parent}}-{{stem}})")
     return names
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _save_npy(path: str, arr: np.ndarray) -> None:
@@ -372,12 +360,12 @@ def sample_images(gen: Generator, paths: Sequence[str], out_dir: str, *, num_sam
     with tqdm(total=len(paths), desc="sample", unit="img", dynamic_ncols=True) as bar:
         bar.update(len(done))
         _pipelined(gen, todo, noise, dict(background=background), False, consume, failures, bar)
-    _write_json(os.path.join(out_dir, "failures.json"), failures)
+    write_json(os.path.join(out_dir, "failures.json"), failures, sort_keys=True)
     prev = os.path.join(out_dir, "manifest.json")
     if os.path.exists(prev):  # keep the entries of images finished by an earlier run
         with open(prev) as f:
             manifest["images"] = {**json.load(f).get("images", {}), **manifest["images"]}
-    _write_json(prev, manifest)
+    write_json(prev, manifest, sort_keys=True)
     log(f"sample: {len(todo) - sum(1 for p in todo if p in failures)} images generated, {len(done)} already done, "
         f"{len(failures)} failures -> {out_dir}")
     for key, reason in failures.items():
@@ -421,8 +409,7 @@ def object_ids(paths: Sequence[str]) -> list[str]:
 def _settings(gen: Generator, num_samples: int, seed: int, noise_file: Optional[str]) -> dict:
     noise = None
     if noise_file:
-        with open(noise_file, "rb") as f:
-            noise = dict(path=os.path.abspath(noise_file), sha256=hashlib.sha256(f.read()).hexdigest())
+        noise = dict(path=os.path.abspath(noise_file), sha256=sha256_file(noise_file))
     return dict(sampler=dataclasses.asdict(gen.sampler), num_samples=num_samples, noise_file=noise,
                 seeds=[seed + k for k in range(num_samples)], models=gen.models.source, physics=gen.physics.to_dict(),
                 latent_shape=list(gen.models.latent_shape))
@@ -432,7 +419,7 @@ def _check_settings(path: str, settings: dict) -> None:
     """First run: record the settings; later runs (resume) must match them, key by key."""
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
     if not os.path.exists(path):
-        _write_json(path, settings)
+        write_json(path, settings, sort_keys=True)
         return
     with open(path) as f:
         old = json.load(f)
@@ -531,7 +518,7 @@ def generate_dataset(gen: Generator, paths: Sequence[str], out_dir: str, *, num_
     with tqdm(total=len(paths), desc="generate", unit="img", dynamic_ncols=True) as bar:
         bar.update(len(paths) - len(todo))
         _pipelined(gen, todo, noise, dict(background=background), True, consume, failures, bar)
-    _write_json(os.path.join(out_dir, "failures.json"), failures)
+    write_json(os.path.join(out_dir, "failures.json"), failures, sort_keys=True)
     dataset, objects = None, 0
     if next(dataset_records(work), None) is not None:  # TFDS cannot write an empty split
         from dso_jax.data import tfds_dso
@@ -541,7 +528,7 @@ def generate_dataset(gen: Generator, paths: Sequence[str], out_dir: str, *, num_
     summary = dict(images=len(paths), skipped_done=len(paths) - len(todo), generated=len(todo) - len(failures),
                    failed=len(failures), samples=stats["samples"], stable=stats["stable"], invalid=stats["invalid"],
                    objects=objects, dataset=dataset)
-    _write_json(os.path.join(out_dir, "summary.json"), summary)
+    write_json(os.path.join(out_dir, "summary.json"), summary, sort_keys=True)
     log(f"generate: {summary['generated']} images generated, {summary['skipped_done']} already done, "
         f"{summary['failed']} failed; {summary['samples']} samples this run ({summary['stable']} stable, "
         f"{summary['invalid']} empty); dataset {dataset or 'not written (no usable sample)'} ({objects} objects)")

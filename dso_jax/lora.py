@@ -309,8 +309,6 @@ def _trellis_config(config, buffers):
             "save_peft(full_state_dict=True) writes the base weights too and needs the model: pass "
             "config=apply_fn.module (from load_pretrained) or the TRELLIS json with buffers={'pos_emb': ...}"
         )
-    if hasattr(config, "to_dict"):  # an ml_collections.ConfigDict {'name', 'args'}
-        config = config.to_dict()
     if isinstance(config, Mapping):
         json_cfg = {"name": config["name"], "args": dict(config["args"])}
     else:  # a Flax module of the port: its fields are the json args

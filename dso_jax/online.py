@@ -26,6 +26,7 @@ import optax
 from dso_jax import lora, losses
 from dso_jax.flow import sample_t
 from dso_jax.models.layers import cast_block_weights
+from dso_jax.models.ss_decoder import occupancy_from_logits
 from dso_jax.sampling import sample_from_config
 
 ApplyFn = Callable[..., jax.Array]
@@ -36,7 +37,7 @@ StabilityFn = Callable[[jax.Array], dict]  # occ (N, D, D, D) -> {'stable', 'ang
 def policy_params(base, overlay, dtype):
     """base ⊕ overlay (``overlay=None``: the base alone) without gradient, block weights pre-cast to ``dtype``."""
     params = jax.lax.stop_gradient(base if overlay is None else lora.merge(base, overlay))
-    return params if jnp.dtype(dtype) == jnp.float32 else cast_block_weights(params, dtype)
+    return cast_block_weights(params, dtype)
 
 
 def make_rollout_fn(apply_fn: ApplyFn, decode_fn: DecodeFn, stability_fn: StabilityFn, sampler_cfg, latent_shape,
@@ -50,7 +51,7 @@ def make_rollout_fn(apply_fn: ApplyFn, decode_fn: DecodeFn, stability_fn: Stabil
         cond_k = jnp.repeat(cond, k, axis=0)  # (B K, S, Cc), candidates of a condition adjacent
         noise = jax.random.normal(key, (b * k,) + tuple(latent_shape), jnp.float32)
         z = sample_from_config(apply_fn, params, noise, cond_k, sampler_cfg)  # (B K, C, R, R, R)
-        occ = decode_fn(dec_params, z)[:, 0] > 0  # (B K, D, D, D)
+        occ = occupancy_from_logits(decode_fn(dec_params, z))  # (B K, D, D, D)
         verdict = stability_fn(occ)
         out = {
             "z": z.reshape((b, k) + z.shape[1:]),

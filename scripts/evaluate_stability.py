@@ -70,7 +70,7 @@ def main():
   parser.add_argument("--out", default="results.json")
   parser.add_argument("--workers", type=int, default=None, help="mujoco backend: processes (default: all cores)")
   parser.add_argument("--timeout", type=float, default=None, help="mujoco backend: wall-clock seconds per mesh")
-  parser.add_argument("--max_faces", type=int, default=None)
+  parser.add_argument("--max_faces", type=int, default=None, help="refuse larger meshes (default: mesh_io's)")
   args = parser.parse_args()
 
   from dso_jax.physics import mesh_io, reference, rollout

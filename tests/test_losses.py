@@ -296,8 +296,9 @@ def test_losses_compute_in_float32_for_bf16_model(toy):
 # ------------------------------------------------------------------ gradients vs peft on the PyTorch twin
 
 
-def test_overlay_gradients_match_peft_twin(name="dpo"):
-    # DPO through DSO's formulas on the peft-wrapped twin (reference: adapter disabled) and through
+@pytest.mark.parametrize("name", ["dro", "dpo"])
+def test_overlay_gradients_match_peft_twin(name):
+    # DRO / DPO through DSO's formulas on the peft-wrapped twin (reference: adapter disabled) and through
     # ours: loss and d loss / d lora_B agree (b = lora_B.T); measured 2.4e-6 relative.
     peft = pytest.importorskip("peft")
     from dso_jax.convert import trellis

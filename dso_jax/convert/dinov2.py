@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from dso_jax.convert.rules import flatten, sha256_file, unflatten
+from dso_jax.convert.trellis import CONFIG_FILE, MANIFEST_FILE, PARAMS_FILE
 from dso_jax.convert.verify import ConversionError  # noqa: F401  (raised here; re-exported for callers)
 
 Rule = Callable[[np.ndarray], np.ndarray]
@@ -92,14 +93,8 @@ def convert_dinov2_state_dict(sd: dict[str, np.ndarray], cfg) -> dict:
     if problems:
         raise ConversionError(f"DINOv2 state dict does not match the config ({len(problems)} problems):\n  "
                               + "\n  ".join(problems))
-    params: dict = {}
-    for tkey, fpath, rule, _ in table:
-        node = params
-        *parents, leaf = fpath.split("/")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = np.ascontiguousarray(rule(np.asarray(sd[tkey], np.float32)))
-    return params
+    return unflatten({fpath: np.ascontiguousarray(rule(np.asarray(sd[tkey], np.float32)))
+                      for tkey, fpath, rule, _ in table})
 
 
 def load_dinov2_pth(path: str) -> dict[str, np.ndarray]:
@@ -118,9 +113,6 @@ def load_dinov2_pth(path: str) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------
 # Converted-directory format: params.safetensors ('/'-joined keys) + config.json + manifest.json
 # ----------------------------------------------------------------------------------------------------
-
-PARAMS_FILE, CONFIG_FILE, MANIFEST_FILE = "params.safetensors", "config.json", "manifest.json"
-
 
 def convert_dinov2_file(src: str, dst: str, cfg) -> dict:
     """Convert a ``.pth`` into ``dst/`` (params, config, manifest); returns the nested params."""

@@ -275,10 +275,10 @@ def params_to_torch_state_dict(
 # ----------------------------------------------------------------------------------------------------
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path: str, obj, sort_keys: bool = False) -> None:
     """Write ``obj`` as indented JSON, atomically (a temporary file, then a rename)."""
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=1, sort_keys=sort_keys)
         f.write("\n")
     os.replace(path + ".tmp", path)
 

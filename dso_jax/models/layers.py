@@ -155,7 +155,10 @@ def cast_block_weights(params, dtype):
 
     Mirrors TRELLIS's fp16 torso (norm scales and RMS gammas stay float32). For inference and
     sampling: the per-call float32 -> bf16 weight conversion then happens once, not every forward.
+    A float32 ``dtype`` returns ``params`` unchanged.
     """
+    if jnp.dtype(dtype) == jnp.float32:
+        return params
 
     def cast(path, leaf):
         names = [getattr(k, "key", str(k)) for k in path]

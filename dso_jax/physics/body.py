@@ -349,13 +349,10 @@ def stack_bodies(bodies: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------------- voxelisation
 
 
-def voxelize_mesh(vertices: np.ndarray, faces: np.ndarray, resolution: int = 64, *, solid: bool = False,
-                  seed: int = 0) -> np.ndarray:
-  """Voxelises a mesh in the grid frame ([-0.5, 0.5]³, axes x, y, z) -> bool (D, D, D).
-
-  solid=False marks the voxels the surface crosses (TRELLIS's sparse-structure convention, a shell) by dense
-  seeded surface sampling; solid=True also fills the interior by z-ray parity (watertight meshes).
-  """
+def voxelize_mesh(vertices: np.ndarray, faces: np.ndarray, resolution: int = 64, *, seed: int = 0) -> np.ndarray:
+  """Voxelises a mesh in the grid frame ([-0.5, 0.5]³, axes x, y, z) -> bool (D, D, D): the voxels the surface
+  crosses (TRELLIS's sparse-structure convention, a shell), by dense seeded surface sampling. The occupancy
+  path fills the interior itself (`fill_interior`)."""
   import trimesh
 
   d = int(resolution)
@@ -367,43 +364,7 @@ def voxelize_mesh(vertices: np.ndarray, faces: np.ndarray, resolution: int = 64,
   pts = np.concatenate([pts, mesh.vertices], 0)
   idx = np.clip(np.floor((pts + 0.5) * d).astype(np.int64), 0, d - 1)
   occ[idx[:, 0], idx[:, 1], idx[:, 2]] = True
-  if solid:
-    occ |= _parity_fill(mesh, d)
   return occ
-
-
-def _parity_fill(mesh, d: int) -> np.ndarray:
-  """Interior voxels by counting surface crossings along +z through each voxel-centre column."""
-  h = 1.0 / d
-  c = (np.arange(d) + 0.5) * h - 0.5
-  tri = mesh.triangles  # (F, 3, 3)
-  inside = np.zeros((d, d, d), bool)
-  lo = np.clip(np.ceil((tri[:, :, :2].min(1) + 0.5) / h - 0.5).astype(int), 0, d)
-  hi = np.clip(np.floor((tri[:, :, :2].max(1) + 0.5) / h - 0.5).astype(int), -1, d - 1)
-  hits = [[] for _ in range(d * d)]
-  for t, (l, u) in enumerate(zip(lo, hi)):
-    if u[0] < l[0] or u[1] < l[1]:
-      continue
-    xs, ys = np.meshgrid(np.arange(l[0], u[0] + 1), np.arange(l[1], u[1] + 1), indexing="ij")
-    px, py = c[xs.ravel()], c[ys.ravel()]
-    (x0, y0, z0), (x1, y1, z1), (x2, y2, z2) = tri[t]
-    det = (y1 - y2) * (x0 - x2) + (x2 - x1) * (y0 - y2)
-    if abs(det) < 1e-18:
-      continue
-    l0 = ((y1 - y2) * (px - x2) + (x2 - x1) * (py - y2)) / det
-    l1 = ((y2 - y0) * (px - x2) + (x0 - x2) * (py - y2)) / det
-    l2 = 1 - l0 - l1
-    ok = (l0 >= 0) & (l1 >= 0) & (l2 >= 0)
-    z = l0 * z0 + l1 * z1 + l2 * z2
-    for i, j, zz in zip(xs.ravel()[ok], ys.ravel()[ok], z[ok]):
-      hits[i * d + j].append(zz)
-  for col, zs in enumerate(hits):
-    if len(zs) < 2:
-      continue
-    zs = np.unique(np.round(np.asarray(zs), 12))
-    for a, b in zip(zs[0::2], zs[1::2]):
-      inside[col // d, col % d, (c >= a) & (c <= b)] = True
-  return inside
 
 
 def mesh_to_grid_frame(vertices: np.ndarray) -> np.ndarray:

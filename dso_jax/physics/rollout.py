@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from dso_jax.physics import body as body_lib
+from dso_jax.physics import mesh_io
 from dso_jax.physics import metrics
 
 START_GAP = 1e-4  # metres between the lowest sphere and the floor at t = 0 (the reference starts touching)
@@ -247,21 +248,19 @@ def simulate_mesh_bodies(cfg, bodies: list[dict], batch_size: int = 256, simulat
   return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
 
-def evaluate_files(paths: list[str], cfg, *, up_dir: str = "y", rescale: bool = True, max_faces: int | None = None,
+def evaluate_files(paths: list[str], cfg, *, up_dir: str = "y", rescale: bool = True,
+                   max_faces: int = mesh_io.DEFAULT_MAX_FACES,
                    batch_size: int = 256, simulate=None) -> list[dict]:
   """MJX mesh path over files (the `--backend mjx` of evaluate_stability) -> one dict per path.
 
   Each entry is {angle, tilt, stable, margin} or {error: one-line reason}; a bad file never stops the batch.
   Mass properties are MuJoCo's legacy ones, as in the reference; the contact proxy is the hull's.
   """
-  from dso_jax.physics import mesh_io
-
-  kwargs = {} if max_faces is None else dict(max_faces=max_faces)
   results: list[dict] = [{} for _ in paths]
   bodies, where = [], []
   for i, path in enumerate(paths):
     try:
-      mesh = mesh_io.load_and_prepare(path, up_dir=up_dir, rescale=rescale, **kwargs)
+      mesh = mesh_io.load_and_prepare(path, up_dir=up_dir, rescale=rescale, max_faces=max_faces)
       bodies.append(body_lib.mesh_body(mesh.vertices, mesh.faces, cfg))
       where.append(i)
       if mesh.warnings:
