@@ -21,11 +21,11 @@ import types
 
 import numpy as np
 
-FLOW_ARGS = dict(
-    resolution=16, in_channels=8, out_channels=8, model_channels=1024, cond_channels=1024, num_blocks=24,
-    num_heads=16, mlp_ratio=4, patch_size=1, pe_mode="ape", qk_rms_norm=True, use_fp16=True,
-)
-DEC_ARGS = dict(out_channels=1, latent_channels=8, num_res_blocks=2, num_res_blocks_middle=2, channels=[512, 128, 32], use_fp16=True)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+
+from dso_jax.convert.trellis import RELEASED_DECODER_ARGS as DEC_ARGS  # noqa: E402
+from dso_jax.convert.trellis import RELEASED_FLOW_ARGS as FLOW_ARGS  # noqa: E402
+
 SAMPLER = dict(steps=12, rescale_t=3.0, cfg_strength=7.5, cfg_interval=(0.5, 1.0))
 COND_LEN = 1374
 FLOP_PER_SAMPLE = 5.23e12  # one SS-flow forward (issue 2)

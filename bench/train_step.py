@@ -28,17 +28,17 @@ import statistics
 import subprocess
 import sys
 import time
-import types
+
+from ssflow import COND_LEN as FULL_COND_LEN  # noqa: E402  (bench/ is on the path when run as a script)
+from ssflow import FLOP_PER_SAMPLE, _import_trellis  # noqa: E402
+from ssflow import FLOW_ARGS as FULL_ARGS  # noqa: E402
+
+from dso_jax.lora import DEFAULT_TARGETS  # noqa: E402  (ssflow put the repo root on the path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FULL_ARGS = dict(
-    resolution=16, in_channels=8, out_channels=8, model_channels=1024, cond_channels=1024, num_blocks=24,
-    num_heads=16, mlp_ratio=4, patch_size=1, pe_mode="ape", qk_rms_norm=True, use_fp16=True,
-)
 TINY_ARGS = dict(FULL_ARGS, resolution=8, model_channels=64, cond_channels=32, num_blocks=2, num_heads=2)
-FULL_COND_LEN, TINY_COND_LEN = 1374, 8
-FLOP_PER_SAMPLE = 5.23e12  # one full-size SS-flow forward (bench/ssflow.py)
-TARGETS = ["to_q", "to_kv", "to_out", "to_qkv"]
+TINY_COND_LEN = 8
+TARGETS = list(DEFAULT_TARGETS)
 DEFAULT_VARIANTS = "torch:dro,torch:dpo,jax:dro:remat,jax:dpo:remat,jax:dro,jax:dpo,jax:dro:remat:base_bf16,jax:dro:remat:xla"
 
 
@@ -107,17 +107,6 @@ def run_jax(loss: str, flags: set, a) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- PyTorch
-def _import_trellis_flow(src: str):
-    """TRELLIS's SparseStructureFlowModel without running ``trellis/__init__.py`` (trellis.md §7.3)."""
-    os.environ.setdefault("ATTN_BACKEND", "sdpa")
-    pkg = types.ModuleType("trellis")
-    pkg.__path__ = [os.path.join(os.path.abspath(src), "trellis")]
-    sys.modules["trellis"] = pkg
-    from trellis.models.sparse_structure_flow import SparseStructureFlowModel
-
-    return SparseStructureFlowModel
-
-
 def run_torch(loss: str, flags: set, a) -> dict:
     import copy
 
@@ -127,7 +116,7 @@ def run_torch(loss: str, flags: set, a) -> dict:
 
     if not a.trellis_src:
         raise SystemExit("torch variants need --trellis_src (a checkout of github:microsoft/TRELLIS)")
-    Flow = _import_trellis_flow(a.trellis_src)
+    Flow, _ = _import_trellis(a.trellis_src)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     args = TINY_ARGS if a.tiny else FULL_ARGS
     cond_len = TINY_COND_LEN if a.tiny else FULL_COND_LEN

@@ -8,47 +8,26 @@ grad clip 1.0, 6 pairs x 2 accumulation per device, LoRA r 64 / alpha 128, logit
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 
 import ml_collections
 
+from dso_jax.convert import trellis
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# TRELLIS's released ``ckpts/ss_flow_img_dit_L_16l8_fp16.json`` args (trellis.md §2.1).
-TRELLIS_SS_FLOW_ARGS = dict(
-    resolution=16,
-    in_channels=8,
-    model_channels=1024,
-    cond_channels=1024,
-    out_channels=8,
-    num_blocks=24,
-    num_heads=16,
-    mlp_ratio=4,
-    patch_size=1,
-    pe_mode="ape",
-    qk_rms_norm=True,
-    use_fp16=True,
-)
+# TRELLIS's released stage-1 json args (trellis.md §2.1, §3.1), defined once in dso_jax.convert.trellis.
+TRELLIS_SS_FLOW_ARGS = trellis.RELEASED_FLOW_ARGS
+TRELLIS_SS_DEC_ARGS = trellis.RELEASED_DECODER_ARGS
 DINO_TOKENS = 1374  # 1 CLS + 4 registers + 37 x 37 patches
-# TRELLIS's released ``ckpts/ss_dec_conv3d_16l8_fp16.json`` args (trellis.md §3.1).
-TRELLIS_SS_DEC_ARGS = dict(out_channels=1, latent_channels=8, num_res_blocks=2, num_res_blocks_middle=2,
-                           channels=(512, 128, 32), use_fp16=True)
 
 
 def _physics_defaults() -> ml_collections.ConfigDict:
-    """The physics engineer's ``default_sim_config()`` when that module exists, else an empty dict.
+    """``dso_jax.physics.rollout.default_sim_config()``, imported when a config is built, not when it is imported."""
+    from dso_jax.physics import rollout
 
-    Looked up when a config is built (never at import), so configs load without the physics stack.
-    """
-    if importlib.util.find_spec("dso_jax.physics") is None or importlib.util.find_spec("dso_jax.physics.rollout") is None:
-        return ml_collections.ConfigDict()
-    rollout = importlib.import_module("dso_jax.physics.rollout")
-    if not hasattr(rollout, "default_sim_config"):
-        return ml_collections.ConfigDict()
-    return ml_collections.ConfigDict(rollout.default_sim_config())
+    return rollout.default_sim_config()
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -44,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dso_jax import mesh_export, sampling
+from dso_jax.convert import trellis
 from dso_jax.convert.rules import sha256_file
 from dso_jax.convert.trellis import write_json
 from dso_jax.data.images import load_images, parse_color
@@ -54,12 +55,7 @@ from dso_jax.models.ss_decoder import occupancy_from_logits
 # Architectures for --random_weights (no files): the released ones (trellis.md §2.1, §3.1) and a CPU-sized
 # set with the released latent / occupancy shapes ((8, 16, 16, 16) -> 64^3) and 1374 DINOv2 tokens.
 RANDOM_PRESETS = {
-    "released": (
-        dict(resolution=16, in_channels=8, out_channels=8, model_channels=1024, cond_channels=1024, num_blocks=24,
-             num_heads=16, mlp_ratio=4, patch_size=1, pe_mode="ape", qk_rms_norm=True, use_fp16=True),
-        dict(out_channels=1, latent_channels=8, num_res_blocks=2, num_res_blocks_middle=2, channels=[512, 128, 32],
-             use_fp16=True),
-        "vitl14_reg4"),
+    "released": (trellis.RELEASED_FLOW_ARGS, trellis.RELEASED_DECODER_ARGS, "vitl14_reg4"),
     "tiny": (
         dict(resolution=16, in_channels=8, out_channels=8, model_channels=32, cond_channels=64, num_blocks=2,
              num_heads=2, mlp_ratio=4, patch_size=2, pe_mode="ape", qk_rms_norm=True, use_fp16=False),
@@ -146,8 +142,6 @@ def load_models(flow: Optional[str] = None, decoder: Optional[str] = None, dinov
                 random_weights: Optional[str] = None, seed: int = 0) -> Models:
     """Load the three models from paths (converted folders / TRELLIS prefixes / DINOv2 .pth). With
     ``random_weights`` ('released' | 'tiny'), the models without a path get random weights of that preset."""
-    from dso_jax.convert import trellis
-
     if random_weights is not None and random_weights not in RANDOM_PRESETS:
         raise ValueError(f"random_weights must be one of {sorted(RANDOM_PRESETS)}, got {random_weights!r}")
     missing = [n for n, p in (("--flow", flow), ("--decoder", decoder), ("--dinov2", dinov2_path)) if not p]

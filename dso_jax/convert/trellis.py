@@ -76,6 +76,14 @@ DECODER_ARGS = dict(
     num_res_blocks_middle=2, norm_type="layer", use_fp16=False,
 )
 _REQUIRED_NONE_OK = {"num_heads"}  # defaults to None legitimately
+# The released stage-1 models' json args (TRELLIS-image-large ``ckpts/ss_flow_img_dit_L_16l8_fp16.json`` and
+# ``ckpts/ss_dec_conv3d_16l8_fp16.json``; trellis.md §2.1, §3.1): configs, random-weight presets and benches.
+RELEASED_FLOW_ARGS = dict(
+    resolution=16, in_channels=8, model_channels=1024, cond_channels=1024, out_channels=8, num_blocks=24,
+    num_heads=16, mlp_ratio=4, patch_size=1, pe_mode="ape", qk_rms_norm=True, use_fp16=True,
+)
+RELEASED_DECODER_ARGS = dict(out_channels=1, latent_channels=8, num_res_blocks=2, num_res_blocks_middle=2,
+                             channels=(512, 128, 32), use_fp16=True)
 
 
 def full_args(name: str, args: Mapping, *, source: str = "config") -> dict:
