@@ -89,6 +89,23 @@ def random_state_dict(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
+def flow_pair(args: dict, seed: int = 0):
+    """(Flax apply_fn, converted params, float32 PyTorch twin) for random released-dtype weights of ``args``:
+    the same state dict loaded into both sides (the twin needs torch; imported here, not at module import)."""
+    import torch
+
+    from dso_jax.models.pretrained import buffers_of, make_apply_fn, model_from_config
+    from twins import trellis_twin as tw
+
+    config = {"name": trellis.FLOW, "args": dict(args)}
+    sd = random_state_dict(config, seed)
+    module = model_from_config(trellis.FLOW, config["args"])
+    params = trellis.convert_ss_flow(sd, config, buffers=buffers_of(module))
+    twin = tw.SparseStructureFlowModel(**{**args, "use_fp16": False})
+    twin.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+    return make_apply_fn(module), params, twin
+
+
 def write_checkpoint(prefix: str, config: dict, state_dict: dict) -> str:
     from safetensors.numpy import save_file
 

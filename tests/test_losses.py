@@ -301,18 +301,10 @@ def test_overlay_gradients_match_peft_twin(name):
     # DRO / DPO through DSO's formulas on the peft-wrapped twin (reference: adapter disabled) and through
     # ours: loss and d loss / d lora_B agree (b = lora_B.T); measured 2.4e-6 relative.
     peft = pytest.importorskip("peft")
-    from dso_jax.convert import trellis
-    from dso_jax.models.pretrained import buffers_of, make_apply_fn, model_from_config
-    from helpers_trellis import TINY_FLOW_ARGS, random_state_dict
-    from twins import trellis_twin as tw
+    from helpers_trellis import TINY_FLOW_ARGS, flow_pair
 
     args = {**TINY_FLOW_ARGS, "use_fp16": False}
-    config = {"name": trellis.FLOW, "args": args}
-    sd = random_state_dict(config, seed=0)
-    module = model_from_config(trellis.FLOW, args)
-    params = trellis.convert_ss_flow(sd, config, buffers=buffers_of(module))
-    twin = tw.SparseStructureFlowModel(**args)
-    twin.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+    apply_fn, params, twin = flow_pair(args, seed=0)
     model = peft.get_peft_model(twin, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["to_q", "to_kv", "to_out", "to_qkv"]))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -327,7 +319,6 @@ def test_overlay_gradients_match_peft_twin(name):
              "x0_win": jnp.asarray(rs.randn(2, c, r, r, r), jnp.float32), "x0_lose": jnp.asarray(rs.randn(2, c, r, r, r), jnp.float32)}
     cfg = ml_collections.ConfigDict({"flow": {"t_mu": 1.0, "t_sigma": 1.0}, "dpo": {"beta": BETA}})
     rng = jax.random.PRNGKey(3)
-    apply_fn = make_apply_fn(module)
     loss, grads = jax.jit(jax.value_and_grad(lambda o: losses.LOSSES[name](apply_fn, params, o, batch, rng, cfg)[0]))(overlay)
 
     t, eps = losses.draw_noise(rng, batch, cfg)

@@ -25,7 +25,7 @@ from dso_jax.models import ss_decoder as fdec
 from dso_jax.models import ss_flow as fflow
 from dso_jax.models.pretrained import buffers_of, make_apply_fn, model_from_config
 from helpers_trellis import (RELEASED_DECODER_ARGS, RELEASED_FLOW_ARGS, TINY_DECODER_ARGS, TINY_FLOW_ARGS,
-                             random_state_dict, reference_pos_emb)
+                             flow_pair, random_state_dict, reference_pos_emb)
 from twins import trellis_twin as tw
 
 torch.set_num_threads(2)
@@ -142,17 +142,6 @@ def test_upsample_block3d():
 # ----------------------------------------------------------------------------------------------------
 # Whole models: released-dtype random checkpoints, converted through the key tables
 # ----------------------------------------------------------------------------------------------------
-
-
-def flow_pair(args, seed=0):
-    """(flax apply_fn, converted params, fp32 twin) for random released-dtype weights of ``args``."""
-    config = {"name": trellis.FLOW, "args": dict(args)}
-    sd = random_state_dict(config, seed)
-    module = model_from_config(trellis.FLOW, config["args"])
-    params = trellis.convert_ss_flow(sd, config, buffers=buffers_of(module))
-    twin = tw.SparseStructureFlowModel(**{**args, "use_fp16": False})
-    twin.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
-    return make_apply_fn(module), params, twin
 
 
 def flow_inputs(args, batch, cond_len, seed=20):

@@ -16,10 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from dso_jax.convert import trellis
-from dso_jax.models.pretrained import buffers_of, make_apply_fn, model_from_config
 from dso_jax.sampling import sample
-from helpers_trellis import TINY_FLOW_ARGS, random_state_dict
+from helpers_trellis import TINY_FLOW_ARGS, flow_pair
 from twins import trellis_twin as tw
 
 ARGS = {**TINY_FLOW_ARGS, "use_fp16": False}
@@ -27,13 +25,8 @@ ARGS = {**TINY_FLOW_ARGS, "use_fp16": False}
 
 @pytest.fixture(scope="module")
 def models():
-    config = {"name": trellis.FLOW, "args": ARGS}
-    sd = random_state_dict(config, seed=11)
-    module = model_from_config(trellis.FLOW, ARGS)
-    params = trellis.convert_ss_flow(sd, config, buffers=buffers_of(module))
-    twin = tw.SparseStructureFlowModel(**ARGS)
-    twin.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
-    return make_apply_fn(module), params, twin.eval()
+    apply_fn, params, twin = flow_pair(ARGS, seed=11)
+    return apply_fn, params, twin.eval()
 
 
 @pytest.mark.parametrize("steps,rescale_t,cfg_strength,cfg_interval,cond_batch", [
