@@ -11,17 +11,18 @@ reloads each converted model and checks that a forward pass on random inputs is 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from a checkout without installing
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", required=True, help="TRELLIS folder (with pipeline.json) or checkpoint prefix .../ckpts/NAME")
+    ap.add_argument(
+        "--src", required=True, help="TRELLIS folder (with pipeline.json) or checkpoint prefix .../ckpts/NAME"
+    )
     ap.add_argument("--dst", required=True, help="output folder; each model is written to DST/NAME/")
-    ap.add_argument("--verify", action="store_true", help="run each converted model on random inputs (finite, deterministic)")
+    ap.add_argument(
+        "--verify", action="store_true", help="run each converted model on random inputs (finite, deterministic)"
+    )
     args = ap.parse_args(argv)
 
     from dso_jax.convert.verify import ConversionError

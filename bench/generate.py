@@ -17,15 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-
-from ssflow import _median_time  # noqa: E402  (bench/ is on the path when run as a script)
+from ssflow import _median_time  # bench/ is on the path when run as a script
 
 
 def bench_batch(models, images_per_batch, args, physics):
@@ -54,10 +49,19 @@ def bench_batch(models, images_per_batch, args, physics):
     total_s = _median_time(end_to_end, args.reps, 0)
     objects = images_per_batch * args.num_samples
     mem = jax.devices()[0].memory_stats() or {}
-    return dict(images=images_per_batch, objects=objects, compile_s=compile_s, sample_decode_s=sample_s,
-                simulate_s=sim_s, total_s=total_s, objects_per_min=objects / total_s * 60,
-                images_per_min=images_per_batch / total_s * 60, stable_frac=float(np.mean(np.asarray(out["stable"]))),
-                occupancy_frac=float(np.mean(np.asarray(occ))), peak_gib=mem.get("peak_bytes_in_use", 0) / 2**30)
+    return dict(
+        images=images_per_batch,
+        objects=objects,
+        compile_s=compile_s,
+        sample_decode_s=sample_s,
+        simulate_s=sim_s,
+        total_s=total_s,
+        objects_per_min=objects / total_s * 60,
+        images_per_min=images_per_batch / total_s * 60,
+        stable_frac=float(np.mean(np.asarray(out["stable"]))),
+        occupancy_frac=float(np.mean(np.asarray(occ))),
+        peak_gib=mem.get("peak_bytes_in_use", 0) / 2**30,
+    )
 
 
 def main():
@@ -80,8 +84,11 @@ def main():
     t0 = time.perf_counter()
     models = generate.load_models(random_weights=args.preset)
     load_s = time.perf_counter() - t0
-    print(f"{jax.devices()[0].device_kind}: random {args.preset} models in {load_s:.1f} s; flow dtype "
-          f"{models.flow.module.dtype}, decoder {models.decoder.module.dtype}", flush=True)
+    print(
+        f"{jax.devices()[0].device_kind}: random {args.preset} models in {load_s:.1f} s; flow dtype "
+        f"{models.flow.module.dtype}, decoder {models.decoder.module.dtype}",
+        flush=True,
+    )
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         try:
@@ -91,18 +98,31 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
         if args.out:
             with open(args.out, "w") as f:
-                json.dump(dict(device=jax.devices()[0].device_kind, preset=args.preset, jax=jax.__version__,
-                               sim=physics.to_dict(), rows=rows), f, indent=1)
+                json.dump(
+                    dict(
+                        device=jax.devices()[0].device_kind,
+                        preset=args.preset,
+                        jax=jax.__version__,
+                        sim=physics.to_dict(),
+                        rows=rows,
+                    ),
+                    f,
+                    indent=1,
+                )
 
-    print(f"\n{'images':>6s} {'objects':>7s} {'compile s':>9s} {'sample+dec s':>12s} {'sim s':>7s} {'total s':>8s} "
-          f"{'obj/min':>8s} {'img/min':>8s} {'stable':>6s} {'peak GiB':>8s}")
+    print(
+        f"\n{'images':>6s} {'objects':>7s} {'compile s':>9s} {'sample+dec s':>12s} {'sim s':>7s} {'total s':>8s} "
+        f"{'obj/min':>8s} {'img/min':>8s} {'stable':>6s} {'peak GiB':>8s}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['images']:6d} {r['objects']:7d} ERROR {r['error']}")
             continue
-        print(f"{r['images']:6d} {r['objects']:7d} {r['compile_s']:9.1f} {r['sample_decode_s']:12.3f} "
-              f"{r['simulate_s']:7.3f} {r['total_s']:8.3f} {r['objects_per_min']:8.1f} {r['images_per_min']:8.1f} "
-              f"{r['stable_frac']:6.2f} {r['peak_gib']:8.1f}")
+        print(
+            f"{r['images']:6d} {r['objects']:7d} {r['compile_s']:9.1f} {r['sample_decode_s']:12.3f} "
+            f"{r['simulate_s']:7.3f} {r['total_s']:8.3f} {r['objects_per_min']:8.1f} {r['images_per_min']:8.1f} "
+            f"{r['stable_frac']:6.2f} {r['peak_gib']:8.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -11,14 +11,10 @@ occupancies, a DRO update of a rank-64 LoRA overlay. Stages are timed as separat
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-from ssflow import _median_time  # noqa: E402
+from ssflow import _median_time
 
 
 def main():
@@ -44,15 +40,21 @@ def main():
     config.sampler.steps = args.sampler_steps
     config.online.num_candidates = args.candidates
     dtype = jnp.bfloat16
-    flow = pretrained.model_from_config("SparseStructureFlowModel", dict(config.model.args.to_dict(), use_checkpoint=True), dtype=dtype)
+    flow = pretrained.model_from_config(
+        "SparseStructureFlowModel", dict(config.model.args.to_dict(), use_checkpoint=True), dtype=dtype
+    )
     apply_fn = pretrained.make_apply_fn(flow)
     base = jax.jit(flow.init)(jax.random.key(0), *pretrained.example_inputs(flow))["params"]
     decode_fn, dec_params = make_decoder(config.decoder, dtype, 0)
     stability = physics.make_stability_fn(config.physics)
     tx = optax.adamw(5e-6, weight_decay=0.01)
     overlay = lora.init_overlay(jax.random.key(1), base, rank=64, alpha=128.0)
-    state = TrainState(step=jnp.zeros((), jnp.int32), overlay=overlay, opt_state=tx.init(overlay),
-                       rng=jax.random.key_data(jax.random.key(2)))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        overlay=overlay,
+        opt_state=tx.init(overlay),
+        rng=jax.random.key_data(jax.random.key(2)),
+    )
     b, k = args.conditions, args.candidates
     cond = jax.random.normal(jax.random.key(3), (b, 1374, 1024))
     latent = (8, 16, 16, 16)
@@ -62,10 +64,18 @@ def main():
     from dso_jax.models.ss_decoder import occupancy_from_logits
     from dso_jax.sampling import sample_from_config
 
-    sample = jax.jit(lambda p, c, key: sample_from_config(
-        apply_fn, p, jax.random.normal(key, (b * k,) + latent), jnp.repeat(c, k, axis=0), config.sampler))
+    sample = jax.jit(
+        lambda p, c, key: sample_from_config(
+            apply_fn, p, jax.random.normal(key, (b * k,) + latent), jnp.repeat(c, k, axis=0), config.sampler
+        )
+    )
     z = sample(params, cond, jax.random.key(4)).block_until_ready()
-    rows.append(("sample (12-step CFG)", _median_time(lambda: sample(params, cond, jax.random.key(4)).block_until_ready(), args.reps, 1)))
+    rows.append(
+        (
+            "sample (12-step CFG)",
+            _median_time(lambda: sample(params, cond, jax.random.key(4)).block_until_ready(), args.reps, 1),
+        )
+    )
     decode = jax.jit(lambda dp, z: occupancy_from_logits(decode_fn(dp, z)))
     occ = decode(dec_params, z).block_until_ready()
     rows.append(("decode 64^3", _median_time(lambda: decode(dec_params, z).block_until_ready(), args.reps, 1)))
@@ -78,15 +88,25 @@ def main():
 
     @jax.jit
     def update(st, bp, lab):  # base and batch are arguments, never baked-in constants
-        (_, m), g = jax.value_and_grad(lambda ov: loss_fn(apply_fn, bp, ov, lab, jax.random.key(5), config), has_aux=True)(st.overlay)
+        (_, m), g = jax.value_and_grad(
+            lambda ov: loss_fn(apply_fn, bp, ov, lab, jax.random.key(5), config), has_aux=True
+        )(st.overlay)
         upd, opt = tx.update(g, st.opt_state, st.overlay)
         return st.replace(overlay=optax.apply_updates(st.overlay, upd), opt_state=opt), m
 
     jax.block_until_ready(update(state, base, labelled))
-    rows.append(("update (DRO, all candidates)", _median_time(lambda: jax.block_until_ready(update(state, base, labelled)), args.reps, 1)))
+    rows.append(
+        (
+            "update (DRO, all candidates)",
+            _median_time(lambda: jax.block_until_ready(update(state, base, labelled)), args.reps, 1),
+        )
+    )
 
-    step = jax.jit(online.make_online_step(apply_fn, decode_fn, stability, tx, config, latent_shape=latent, dtype=dtype,
-                                           schedule=lambda s: 5e-6))
+    step = jax.jit(
+        online.make_online_step(
+            apply_fn, decode_fn, stability, tx, config, latent_shape=latent, dtype=dtype, schedule=lambda s: 5e-6
+        )
+    )
     t0 = time.perf_counter()
     st, m = step(state, {"cond": cond}, base, dec_params)
     jax.block_until_ready(m)
@@ -100,7 +120,9 @@ def main():
         times.append(time.perf_counter() - t0)
     fused = statistics.median(times)
     peak = jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0) / 2**30
-    print(f"\nonline DRO step, {b} conditions x {k} candidates = {b * k} samples, full-size model, {jax.devices()[0].device_kind}")
+    print(
+        f"\nonline DRO step, {b} conditions x {k} candidates = {b * k} samples, full-size model, {jax.devices()[0].device_kind}"
+    )
     total = sum(s for _, s in rows)
     for name, s in rows:
         print(f"  {name:32s} {s:8.3f} s  {100 * s / total:5.1f}%")

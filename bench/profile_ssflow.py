@@ -17,12 +17,9 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-from ssflow import COND_LEN, FLOP_PER_SAMPLE, FLOW_ARGS, _median_time  # noqa: E402
+from ssflow import COND_LEN, FLOP_PER_SAMPLE, FLOW_ARGS, _median_time
 
 
 def build(batch, attn_impl, patch=None):
@@ -35,7 +32,7 @@ def build(batch, attn_impl, patch=None):
 
     saved = (attention.dot_product_attention, layers.layer_norm_no_affine)
     if patch == "no_attn":
-        attention.dot_product_attention = lambda q, k, v, impl="auto": (v if v.shape == q.shape else q)
+        attention.dot_product_attention = lambda q, k, v, impl="auto": v if v.shape == q.shape else q
     elif patch == "no_norm":
         layers.layer_norm_no_affine = lambda x, eps: x
     try:
@@ -48,7 +45,7 @@ def build(batch, attn_impl, patch=None):
         fwd = jax.jit(lambda p, x, t, c: m.apply({"params": p}, x, t, c)).lower(params, x, t, c).compile()
     finally:
         attention.dot_product_attention, layers.layer_norm_no_affine = saved
-    return (lambda: fwd(params, x, t, c).block_until_ready())
+    return lambda: fwd(params, x, t, c).block_until_ready()
 
 
 def kernel_table(fn, n=3, top=25):

@@ -21,10 +21,8 @@ import types
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-
-from dso_jax.convert.trellis import RELEASED_DECODER_ARGS as DEC_ARGS  # noqa: E402
-from dso_jax.convert.trellis import RELEASED_FLOW_ARGS as FLOW_ARGS  # noqa: E402
+from dso_jax.convert.trellis import RELEASED_DECODER_ARGS as DEC_ARGS
+from dso_jax.convert.trellis import RELEASED_FLOW_ARGS as FLOW_ARGS
 
 SAMPLER = dict(steps=12, rescale_t=3.0, cfg_strength=7.5, cfg_interval=(0.5, 1.0))
 COND_LEN = 1374
@@ -71,6 +69,7 @@ def bench_jax(batches, reps, attn_impl):
         rows[f"forward_B{b}"] = dict(seconds=s, compile_s=compile_s, tflops=FLOP_PER_SAMPLE * b / s / 1e12)
 
     b = 8
+
     @jax.jit
     def sample_decode(fp, dp, noise, cond):
         z = sample(apply_flow, fp, noise, cond, **SAMPLER)
@@ -152,7 +151,7 @@ def bench_torch(batches, reps, src):
         rows["sample12_cfg_decode_B8"] = dict(seconds=s, per_object=s / b)
         s = sync_time(lambda: dec(noise), reps)
         rows["decode_B8"] = dict(seconds=s, per_object=s / b)
-    del flow, dec
+    flow = dec = None  # free the GPU memory before the JAX rows
     torch.cuda.empty_cache()
     return rows
 
@@ -185,8 +184,10 @@ def main():
             print(f"{name:24s} ERROR {rows['error']}")
             continue
         for k, v in rows.items():
-            print(f"{name:24s} {k:26s} {v['seconds']:10.4f} {v.get('per_object', float('nan')):9.4f} "
-                  f"{v.get('tflops', float('nan')):8.1f} {v.get('compile_s', float('nan')):8.1f}")
+            print(
+                f"{name:24s} {k:26s} {v['seconds']:10.4f} {v.get('per_object', float('nan')):9.4f} "
+                f"{v.get('tflops', float('nan')):8.1f} {v.get('compile_s', float('nan')):8.1f}"
+            )
 
 
 if __name__ == "__main__":

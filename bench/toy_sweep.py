@@ -37,8 +37,12 @@ def parse_variant(text: str) -> tuple[str, str, list[str]]:
 
 def run_variant(name: str, config: str, overrides: list[str], args) -> dict:
     workdir = os.path.join(args.workdir, name)
-    cmd = [sys.executable, os.path.join(REPO, "scripts", "train.py"), f"--config={os.path.join(REPO, 'configs', config)}.py:toy",
-           f"--workdir={workdir}"] + [f"--config.{o}" for o in overrides]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "scripts", "train.py"),
+        f"--config={os.path.join(REPO, 'configs', config)}.py:toy",
+        f"--workdir={workdir}",
+    ] + [f"--config.{o}" for o in overrides]
     if args.eval_every:
         cmd.append(f"--config.eval.every={args.eval_every}")
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / max(args.parallel, 1):.2f}")
@@ -55,18 +59,24 @@ def run_variant(name: str, config: str, overrides: list[str], args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    out = [f"{'variant':28s} {'stable b':>8s} {'stable a':>8s} {'d pp':>6s} {'IoU b':>6s} {'IoU a':>6s} {'IoU rel':>7s} "
-           f"{'angle a':>7s} {'wall s':>7s}  trajectory step:stable/IoU"]
+    out = [
+        f"{'variant':28s} {'stable b':>8s} {'stable a':>8s} {'d pp':>6s} {'IoU b':>6s} {'IoU a':>6s} {'IoU rel':>7s} "
+        f"{'angle a':>7s} {'wall s':>7s}  trajectory step:stable/IoU"
+    ]
     for r in rows:
         s = r.get("summary")
         if not s:
             out.append(f"{r['name']:28s} FAILED rc={r['rc']} (see its log)")
             continue
         rel = s["iou_after"] / s["iou_before"] - 1.0
-        curve = " ".join(f"{c['step']}:{c['heldout_stable_rate']:.2f}/{c['heldout_iou']:.3f}" for c in s.get("heldout_curve", []))
-        out.append(f"{r['name']:28s} {s['stable_rate_before']:8.3f} {s['stable_rate_after']:8.3f} "
-                   f"{100 * (s['stable_rate_after'] - s['stable_rate_before']):6.1f} {s['iou_before']:6.3f} "
-                   f"{s['iou_after']:6.3f} {100 * rel:6.1f}% {s['mean_angle_after']:7.2f} {r['wall_s']:7.1f}  {curve}")
+        curve = " ".join(
+            f"{c['step']}:{c['heldout_stable_rate']:.2f}/{c['heldout_iou']:.3f}" for c in s.get("heldout_curve", [])
+        )
+        out.append(
+            f"{r['name']:28s} {s['stable_rate_before']:8.3f} {s['stable_rate_after']:8.3f} "
+            f"{100 * (s['stable_rate_after'] - s['stable_rate_before']):6.1f} {s['iou_before']:6.3f} "
+            f"{s['iou_after']:6.3f} {100 * rel:6.1f}% {s['mean_angle_after']:7.2f} {r['wall_s']:7.1f}  {curve}"
+        )
     return "\n".join(out)
 
 

@@ -29,17 +29,19 @@ import subprocess
 import sys
 import time
 
-from ssflow import COND_LEN as FULL_COND_LEN  # noqa: E402  (bench/ is on the path when run as a script)
-from ssflow import FLOP_PER_SAMPLE, _import_trellis  # noqa: E402
-from ssflow import FLOW_ARGS as FULL_ARGS  # noqa: E402
+from ssflow import COND_LEN as FULL_COND_LEN  # bench/ is on the path when run as a script
+from ssflow import FLOP_PER_SAMPLE, _import_trellis
+from ssflow import FLOW_ARGS as FULL_ARGS
 
-from dso_jax.lora import DEFAULT_TARGETS  # noqa: E402  (ssflow put the repo root on the path)
+from dso_jax.lora import DEFAULT_TARGETS  # bench/ is on the path when run as a script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = dict(FULL_ARGS, resolution=8, model_channels=64, cond_channels=32, num_blocks=2, num_heads=2)
 TINY_COND_LEN = 8
 TARGETS = list(DEFAULT_TARGETS)
-DEFAULT_VARIANTS = "torch:dro,torch:dpo,jax:dro:remat,jax:dpo:remat,jax:dro,jax:dpo,jax:dro:remat:base_bf16,jax:dro:remat:xla"
+DEFAULT_VARIANTS = (
+    "torch:dro,torch:dpo,jax:dro:remat,jax:dpo:remat,jax:dro,jax:dpo,jax:dro:remat:base_bf16,jax:dro:remat:xla"
+)
 
 
 def _median_step(step, sync, reps: int, warmup: int) -> tuple[float, float]:
@@ -64,9 +66,7 @@ def _median_step(step, sync, reps: int, warmup: int) -> tuple[float, float]:
 def run_jax(loss: str, flags: set, a) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    sys.path.insert(0, REPO)
     from configs import dpo, dro
     from dso_jax import lora, losses, train
     from dso_jax.models import pretrained
@@ -76,7 +76,9 @@ def run_jax(loss: str, flags: set, a) -> dict:
     cond_len = TINY_COND_LEN if a.tiny else FULL_COND_LEN
     config.model.args = dict(args)
     dtype = jnp.bfloat16
-    module = pretrained.model_from_config("SparseStructureFlowModel", dict(args, use_checkpoint="remat" in flags), dtype=dtype)
+    module = pretrained.model_from_config(
+        "SparseStructureFlowModel", dict(args, use_checkpoint="remat" in flags), dtype=dtype
+    )
     module = module.clone(attn_impl="xla" if "xla" in flags else "auto")
     apply_fn = pretrained.make_apply_fn(module)
     key = jax.random.PRNGKey(0)
@@ -85,8 +87,12 @@ def run_jax(loss: str, flags: set, a) -> dict:
         base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
     overlay = lora.init_overlay(jax.random.PRNGKey(1), base, rank=64, alpha=128.0, targets=TARGETS)
     tx = train.make_optimizer(config.optim)
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), overlay=overlay, opt_state=tx.init(overlay),
-                             rng=jax.random.key_data(jax.random.key(0)))
+    state = train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        overlay=overlay,
+        opt_state=tx.init(overlay),
+        rng=jax.random.key_data(jax.random.key(0)),
+    )
     step_fn = jax.jit(train.make_train_step(apply_fn, losses.LOSSES[loss], tx, config), donate_argnums=(0,))
     r, A, B = args["resolution"], a.grad_accum, a.batch
     ks = jax.random.split(jax.random.PRNGKey(2), 3)
@@ -102,8 +108,13 @@ def run_jax(loss: str, flags: set, a) -> dict:
 
     first, sec = _median_step(step, lambda: holder["metrics"]["loss"].block_until_ready(), a.reps, a.warmup)
     stats = jax.local_devices()[0].memory_stats() or {}
-    return dict(seconds=sec, first_s=first, peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30,
-                loss=float(holder["metrics"]["loss"]), device=jax.devices()[0].device_kind)
+    return dict(
+        seconds=sec,
+        first_s=first,
+        peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30,
+        loss=float(holder["metrics"]["loss"]),
+        device=jax.devices()[0].device_kind,
+    )
 
 
 # -------------------------------------------------------------------------------------------- PyTorch
@@ -137,9 +148,11 @@ def run_torch(loss: str, flags: set, a) -> dict:
     A, B, r = a.grad_accum, a.batch, args["resolution"]
     bf16 = torch.bfloat16
     batches = [
-        dict(cond=torch.randn(B, cond_len, args["cond_channels"], device=dev, dtype=bf16),
-             win=torch.randn(B, 8, r, r, r, device=dev, dtype=bf16),
-             lose=torch.randn(B, 8, r, r, r, device=dev, dtype=bf16))
+        dict(
+            cond=torch.randn(B, cond_len, args["cond_channels"], device=dev, dtype=bf16),
+            win=torch.randn(B, 8, r, r, r, device=dev, dtype=bf16),
+            lose=torch.randn(B, 8, r, r, r, device=dev, dtype=bf16),
+        )
         for _ in range(A)
     ]
     beta = 500.0
@@ -193,7 +206,9 @@ def _child(variant: str, a) -> dict:
     pairs = a.batch * a.grad_accum
     samples = 2 * pairs  # winner + loser latents through the trained model
     flop = samples * 3 * FLOP_PER_SAMPLE + (samples * FLOP_PER_SAMPLE if loss == "dpo" else 0.0)
-    out.update(pairs_per_s=pairs / out["seconds"], model_tflops=flop / out["seconds"] / 1e12 if not a.tiny else float("nan"))
+    out.update(
+        pairs_per_s=pairs / out["seconds"], model_tflops=flop / out["seconds"] / 1e12 if not a.tiny else float("nan")
+    )
     return out
 
 
@@ -216,8 +231,13 @@ def main():
         return
 
     results = {}
-    passthrough = [f"--trellis_src={a.trellis_src}", f"--batch={a.batch}", f"--grad_accum={a.grad_accum}",
-                   f"--reps={a.reps}", f"--warmup={a.warmup}"] + (["--tiny"] if a.tiny else [])
+    passthrough = [
+        f"--trellis_src={a.trellis_src}",
+        f"--batch={a.batch}",
+        f"--grad_accum={a.grad_accum}",
+        f"--reps={a.reps}",
+        f"--warmup={a.warmup}",
+    ] + (["--tiny"] if a.tiny else [])
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", ATTN_BACKEND="sdpa")
     for variant in a.variants.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), f"--_one={variant}", *passthrough]
@@ -228,7 +248,7 @@ def main():
                 tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
                 results[variant] = {"error": f"rc {p.returncode}: {tail[:300]}"}
             else:
-                results[variant] = json.loads(lines[-1][len("RESULT "):])
+                results[variant] = json.loads(lines[-1][len("RESULT ") :])
         except subprocess.TimeoutExpired:
             results[variant] = {"error": f"timed out after {a.timeout} s"}
         print(f"{variant}: {results[variant]}", file=sys.stderr, flush=True)
@@ -242,8 +262,10 @@ def main():
         if "error" in r:
             print(f"{name:24s} ERROR {r['error']}")
             continue
-        print(f"{name:24s} {r['seconds']:8.4f} {r['pairs_per_s']:8.2f} {r['peak_gib']:9.2f} {r['model_tflops']:8.1f} "
-              f"{r['first_s']:10.1f}  {r['device']}")
+        print(
+            f"{name:24s} {r['seconds']:8.4f} {r['pairs_per_s']:8.2f} {r['peak_gib']:9.2f} {r['model_tflops']:8.1f} "
+            f"{r['first_s']:10.1f}  {r['device']}"
+        )
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict) -> None:
         """Start saving ``state`` (asynchronously after the device-to-host copy)."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+        )
 
     def export_peft(self, step: int, base_params, overlay: lora.Overlay, module) -> Optional[str]:
         """Write the overlay as peft safetensors beside the checkpoint; prune exports of deleted steps.
@@ -75,7 +77,9 @@ class Checkpointer:
         path = os.path.join(self.peft_dir, f"step_{step:07d}.safetensors")
         if jax.process_index() == 0:
             # save_peft writes a temporary file and renames it: a reader never sees a partial file.
-            lora.save_peft(path, self._host_base if full else None, overlay, full_state_dict=full, config=module if full else None)
+            lora.save_peft(
+                path, self._host_base if full else None, overlay, full_state_dict=full, config=module if full else None
+            )
             self._prune_exports(keep_also=step)
         return path
 

@@ -18,8 +18,9 @@ import numpy as np
 from dso_jax.data import toy_metrics
 
 
-def evaluate(rollout: Callable, params, dec_params, cond: np.ndarray, key, *, batch: int,
-             reference: Optional[np.ndarray] = None) -> dict:
+def evaluate(
+    rollout: Callable, params, dec_params, cond: np.ndarray, key, *, batch: int, reference: Optional[np.ndarray] = None
+) -> dict:
     """Roll out ``cond`` (N, S, Cc) in chunks of ``batch`` conditions (the last chunk padded).
 
     Returns numpy per-candidate arrays (N, K): stable, angle, iou (when ``reference`` (N, D, D, D) is given,
@@ -29,7 +30,7 @@ def evaluate(rollout: Callable, params, dec_params, cond: np.ndarray, key, *, ba
     n = cond.shape[0]
     outs = []
     for i, start in enumerate(range(0, n, batch)):
-        chunk = cond[start:start + batch]
+        chunk = cond[start : start + batch]
         m = chunk.shape[0]
         if m < batch:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - m, 0)])
@@ -37,7 +38,7 @@ def evaluate(rollout: Callable, params, dec_params, cond: np.ndarray, key, *, ba
         out = {k: np.asarray(ro[k])[:m] for k in ("stable", "angle")}
         out["occ"] = np.asarray(ro["occ"][:, 0])[:m]
         if reference is not None:
-            ref = jnp.asarray(reference[start:start + m])
+            ref = jnp.asarray(reference[start : start + m])
             out["iou"] = np.asarray(toy_metrics.iou_3d(ro["occ"][:m], ref[:, None]))
         outs.append(out)
     res = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}

@@ -40,8 +40,9 @@ def policy_params(base, overlay, dtype):
     return cast_block_weights(params, dtype)
 
 
-def make_rollout_fn(apply_fn: ApplyFn, decode_fn: DecodeFn, stability_fn: StabilityFn, sampler_cfg, latent_shape,
-                    num_candidates: int):
+def make_rollout_fn(
+    apply_fn: ApplyFn, decode_fn: DecodeFn, stability_fn: StabilityFn, sampler_cfg, latent_shape, num_candidates: int
+):
     """rollout(params, dec_params, cond (B, S, Cc), key) -> dict with z (B, K, ...), occ (B, K, D, D, D),
     stable / angle / valid (B, K); K = ``num_candidates``, params already merged."""
     k = num_candidates
@@ -128,14 +129,18 @@ def online_loss(name: str):
     raise ValueError(f"config.loss must be 'dro', 'dpo' or 'sft', got {name!r}")
 
 
-def make_online_step(apply_fn, decode_fn, stability_fn, tx: optax.GradientTransformation, config, *, latent_shape, dtype, schedule):
+def make_online_step(
+    apply_fn, decode_fn, stability_fn, tx: optax.GradientTransformation, config, *, latent_shape, dtype, schedule
+):
     """The pure step ``online_step(state, batch, base, dec_params) -> (state, metrics)``.
 
     ``batch['cond']`` (B, S, Cc) holds this step's conditions. ``state`` is :class:`dso_jax.train.TrainState`.
     The sampled latents are reused for ``config.online.updates_per_sample`` optimizer updates
     (each with fresh t and noise); ``state.step`` counts optimizer updates.
     """
-    rollout = make_rollout_fn(apply_fn, decode_fn, stability_fn, config.sampler, latent_shape, config.online.num_candidates)
+    rollout = make_rollout_fn(
+        apply_fn, decode_fn, stability_fn, config.sampler, latent_shape, config.online.num_candidates
+    )
     loss_fn = online_loss(config.loss)
     updates = config.online.updates_per_sample
 

@@ -88,7 +88,7 @@ def train_batches(seed: int, batch_size: int, steps: int, workers: int):
     try:
         queue = collections.deque()
         submitted = 0
-        for step in range(steps):
+        for _ in range(steps):
             while submitted < steps and len(queue) < 2 * workers:
                 queue.append(pool.submit(toy.train_batch, seed, submitted, batch_size, True))
                 submitted += 1
@@ -103,8 +103,13 @@ def train(config, workdir: str, log=logging.info) -> tuple[dict, dict]:
     params = init_params(module, config)
     tx = toy_pretrain.make_optimizer(config.optim, config.train.steps)
     rng = jax.random.key_data(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
-    state = toy_pretrain.PretrainState(step=jnp.zeros((), jnp.int32), params=params, ema=jax.tree.map(jnp.copy, params),
-                                       opt_state=tx.init(params), rng=rng)
+    state = toy_pretrain.PretrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema=jax.tree.map(jnp.copy, params),
+        opt_state=tx.init(params),
+        rng=rng,
+    )
     step_fn = jax.jit(toy_pretrain.make_train_step(apply_fn, tx, config), donate_argnums=(0,))
     log(f"toy pretraining: {num_params(params):,} params, {config.train.steps} steps of {config.data.batch_size}")
 
@@ -124,18 +129,29 @@ def train(config, workdir: str, log=logging.info) -> tuple[dict, dict]:
             for i, m in enumerate(jax.device_get(pending)):
                 bad = [k for k, v in m.items() if not np.isfinite(v)]
                 if bad:
-                    raise FloatingPointError(f"toy pretraining step {done - len(pending) + i + 1}: non-finite {bad}; "
-                                             "stopping")
+                    raise FloatingPointError(
+                        f"toy pretraining step {done - len(pending) + i + 1}: non-finite {bad}; stopping"
+                    )
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
             count, pending = len(pending), []
             now = time.time()
-            rec = {"step": done, **{k: v / count for k, v in sums.items()},
-                   "steps_per_s": count / max(now - t_last, 1e-9), "elapsed_s": now - t_start}
+            rec = {
+                "step": done,
+                **{k: v / count for k, v in sums.items()},
+                "steps_per_s": count / max(now - t_last, 1e-9),
+                "elapsed_s": now - t_start,
+            }
             if config.train.eval_every and (done % config.train.eval_every == 0 or done == steps):
                 quick_sampler = quick_sampler or make_sampler(apply_fn, config.sampler)
-                quick = evaluate(apply_fn, state.ema, config, num_conditions=config.eval.quick_conditions,
-                                 physics="static", sampler=quick_sampler)
+                quick = evaluate(
+                    apply_fn,
+                    state.ema,
+                    config,
+                    num_conditions=config.eval.quick_conditions,
+                    physics="static",
+                    sampler=quick_sampler,
+                )
                 rec.update({f"eval_{k}": v for k, v in quick["summary"].items() if np.isscalar(v)})
                 t_now = time.time()
                 rec["eval_s"] = t_now - now
@@ -151,8 +167,12 @@ def train(config, workdir: str, log=logging.info) -> tuple[dict, dict]:
     jsonl.close()
     wall = time.time() - t_start
     ema = jax.tree.map(np.asarray, jax.device_get(state.ema))
-    return ema, {"wall_s": wall, "history": history, "final": history[-1] if history else {},
-                 "steps_done": stopped or steps}
+    return ema, {
+        "wall_s": wall,
+        "history": history,
+        "final": history[-1] if history else {},
+        "steps_done": stopped or steps,
+    }
 
 
 # -------------------------------------------------------------------------------------------- evaluate
@@ -163,8 +183,9 @@ def make_sampler(apply_fn, sampler_cfg):
     return jax.jit(lambda params, noise, cond: sampling.sample_from_config(apply_fn, params, noise, cond, sampler_cfg))
 
 
-def generate(apply_fn, params, cond, samples_per_condition: int, sampler_cfg, seed: int, batch: int,
-             sampler=None) -> np.ndarray:
+def generate(
+    apply_fn, params, cond, samples_per_condition: int, sampler_cfg, seed: int, batch: int, sampler=None
+) -> np.ndarray:
     """Latents for every (condition, sample): (n, S, 8, 16, 16, 16) float32; noise fixed by ``seed``.
 
     The noise of (condition i, sample j) is ``normal(fold_in(fold_in(key(seed), i), j))``, so it does not depend
@@ -176,11 +197,15 @@ def generate(apply_fn, params, cond, samples_per_condition: int, sampler_cfg, se
     sampler = sampler or make_sampler(apply_fn, sampler_cfg)
     out = []
     for start in range(0, len(idx), batch):
-        chunk = idx[start:start + batch]
+        chunk = idx[start : start + batch]
         m = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch - m)  # one compiled shape
-        noise = jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), j), toy_codec.LATENT_SHAPE)
-                           for i, j in chunk])
+        noise = jnp.stack(
+            [
+                jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), j), toy_codec.LATENT_SHAPE)
+                for i, j in chunk
+            ]
+        )
         c = jnp.asarray(np.stack([cond[i] for i, _ in chunk]))
         out.append(np.asarray(sampler(params, noise, c))[:m])
     return np.concatenate(out).reshape((n, samples_per_condition) + toy_codec.LATENT_SHAPE)
@@ -193,7 +218,7 @@ def mjx_verdict(occ32: np.ndarray, physics_cfg, batch: int) -> dict:
     fn = jax.jit(lambda o: rollout.make_stability_fn(physics_cfg)(toy_codec.upsample_64(o)))
     res = {"stable": [], "angle": []}
     for start in range(0, len(occ32), batch):
-        chunk = occ32[start:start + batch]
+        chunk = occ32[start : start + batch]
         m = len(chunk)
         if m < batch:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - m, 0)])
@@ -209,8 +234,17 @@ def physics_config():
     return rollout.default_sim_config()
 
 
-def evaluate(apply_fn, params, config, *, num_conditions: int | None = None, physics: str | None = None,
-             sampler_cfg=None, with_world: bool = False, sampler=None) -> dict:
+def evaluate(
+    apply_fn,
+    params,
+    config,
+    *,
+    num_conditions: int | None = None,
+    physics: str | None = None,
+    sampler_cfg=None,
+    with_world: bool = False,
+    sampler=None,
+) -> dict:
     """The held-out protocol; returns {'summary': {...scalars}, 'occ': (n, S, 32³), 'ref': (n, 32³), ...}.
     ``sampler``: a ``make_sampler(apply_fn, sampler_cfg)`` to reuse (repeated evaluations compile once)."""
     ev = config.eval
@@ -219,17 +253,23 @@ def evaluate(apply_fn, params, config, *, num_conditions: int | None = None, phy
     sampler_cfg = sampler_cfg or config.sampler
     objs = toy_conditions.heldout(ev.seed, n)
     t0 = time.time()
-    lat = generate(apply_fn, params, objs["cond"], ev.samples_per_condition, sampler_cfg, ev.seed, ev.batch,
-                   sampler=sampler)
+    lat = generate(
+        apply_fn, params, objs["cond"], ev.samples_per_condition, sampler_cfg, ev.seed, ev.batch, sampler=sampler
+    )
     t_sample = time.time() - t0
     occ = np.asarray(toy_codec.occupancy(lat))  # (n, S, 32³)
     m = toy_pretrain.occupancy_metrics(occ, objs["occ"])
     summary = {
-        "conditions": n, "samples_per_condition": ev.samples_per_condition, "seed": ev.seed,
+        "conditions": n,
+        "samples_per_condition": ev.samples_per_condition,
+        "seed": ev.seed,
         "sampler": sampler_cfg.to_dict() if hasattr(sampler_cfg, "to_dict") else dict(sampler_cfg),
-        "iou": float(m["iou"].mean()), "front_iou": float(m["front_iou"].mean()),
-        "static_stable_rate": float(m["static_stable"].mean()), "voxel_ratio": float(m["voxel_ratio"].mean()),
-        "empty_rate": float((m["voxel_ratio"] == 0).mean()), "sample_s": t_sample,
+        "iou": float(m["iou"].mean()),
+        "front_iou": float(m["front_iou"].mean()),
+        "static_stable_rate": float(m["static_stable"].mean()),
+        "voxel_ratio": float(m["voxel_ratio"].mean()),
+        "empty_rate": float((m["voxel_ratio"] == 0).mean()),
+        "sample_s": t_sample,
     }
     out = {"summary": summary, "occ": occ, "ref": objs["occ"], "metrics": m, "kind": objs["kind"]}
     if physics == "mjx":
@@ -237,13 +277,21 @@ def evaluate(apply_fn, params, config, *, num_conditions: int | None = None, phy
         v = mjx_verdict(occ.reshape((-1,) + occ.shape[2:]), physics_config(), ev.physics_batch)
         stable = v["stable"].reshape(occ.shape[:2])
         angle = v["angle"].reshape(occ.shape[:2])
-        summary.update(stable_rate=float(stable.mean()), unstable_rate=float(1.0 - stable.mean()),
-                       mean_angle=float(angle.mean()), mjx_static_agreement=float((stable == m["static_stable"]).mean()),
-                       physics_s=time.time() - t0, stability="mjx")
+        summary.update(
+            stable_rate=float(stable.mean()),
+            unstable_rate=float(1.0 - stable.mean()),
+            mean_angle=float(angle.mean()),
+            mjx_static_agreement=float((stable == m["static_stable"]).mean()),
+            physics_s=time.time() - t0,
+            stability="mjx",
+        )
         out.update(stable=stable, angle=angle)
     elif physics == "static":
-        summary.update(stable_rate=summary["static_stable_rate"], unstable_rate=1.0 - summary["static_stable_rate"],
-                       stability="static")
+        summary.update(
+            stable_rate=summary["static_stable_rate"],
+            unstable_rate=1.0 - summary["static_stable_rate"],
+            stability="static",
+        )
         out.update(stable=m["static_stable"])
     else:
         raise ValueError(f"eval.physics must be 'mjx' or 'static', got {physics!r}")
@@ -251,13 +299,19 @@ def evaluate(apply_fn, params, config, *, num_conditions: int | None = None, phy
     for k, name in enumerate(toy.KINDS):
         sel = objs["kind"] == k
         if sel.any():
-            per_kind[name] = {"conditions": int(sel.sum()), "iou": float(m["iou"][sel].mean()),
-                              "stable_rate": float(np.asarray(out["stable"])[sel].mean())}
+            per_kind[name] = {
+                "conditions": int(sel.sum()),
+                "iou": float(m["iou"][sel].mean()),
+                "stable_rate": float(np.asarray(out["stable"])[sel].mean()),
+            }
     summary["per_kind"] = per_kind
     if with_world:
         world = toy_pretrain.world_reference(objs, ev.samples_per_condition, ev.seed)
-        summary["world"] = {"iou": float(world["iou"].mean()), "static_stable_rate": float(world["static_stable"].mean()),
-                            "conditioning_objects_static_stable_rate": float(objs["stable"].mean())}
+        summary["world"] = {
+            "iou": float(world["iou"].mean()),
+            "static_stable_rate": float(world["static_stable"].mean()),
+            "conditioning_objects_static_stable_rate": float(objs["stable"].mean()),
+        }
     return out
 
 
@@ -284,9 +338,16 @@ def render(path: str, result: dict, num: int, samples: int) -> str:
 def _git_commit() -> str:
     try:
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dso_jax", "configs", "scripts"], cwd=repo,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "dso_jax", "configs", "scripts"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -298,7 +359,7 @@ def make_manifest(config, params, record: dict, evaluation: dict | None) -> dict
         "name": "toy",
         "model": config.model.name,
         "description": "SparseStructureFlowModel pre-trained on the toy world (dso_jax.data.toy) with TRELLIS's "
-                       "flow-matching convention; weights are the EMA.",
+        "flow-matching convention; weights are the EMA.",
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "config": config.to_dict(),
         "seed": config.seed,
@@ -306,8 +367,12 @@ def make_manifest(config, params, record: dict, evaluation: dict | None) -> dict
         "wall_time_s": round(record["wall_s"], 1),
         "final_loss": record["final"].get("loss"),
         "git_commit": _git_commit(),
-        "versions": {"python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
-                     "numpy": np.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "numpy": np.__version__,
+        },
         "params": {"file": trellis.PARAMS_FILE, "dtype": "float32", "count": num_params(params)},
         "evaluation": evaluation,
         "history": record["history"],
@@ -326,8 +391,12 @@ def evaluate_folder(config, weights: str, workdir: str, log=logging.info) -> dic
     evaluation = result["summary"]
     evaluation["eval_s"] = round(time.time() - t0, 1)
     if config.eval.render:
-        path = render(os.path.join(workdir, "heldout_samples.png"), result, config.eval.render,
-                      min(4, config.eval.samples_per_condition))
+        path = render(
+            os.path.join(workdir, "heldout_samples.png"),
+            result,
+            config.eval.render,
+            min(4, config.eval.samples_per_condition),
+        )
         log(f"held-out samples: {path}")
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(evaluation, f, indent=1)

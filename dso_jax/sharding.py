@@ -12,7 +12,8 @@ import logging
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 FSDP_MIN_SIZE = 2**14  # arrays with fewer elements stay replicated

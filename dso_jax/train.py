@@ -31,7 +31,6 @@ from dso_jax.convert.verify import tree_diff
 from dso_jax.data import dso_pairs, synthetic, tfds_dso, toy_conditions
 from dso_jax.models import pretrained
 
-
 # ------------------------------------------------------------------------------------------------
 # State and step
 # ------------------------------------------------------------------------------------------------
@@ -126,8 +125,9 @@ def make_label_source(config, workdir: str, global_batch: int) -> LabelSource:
     if config.mode == "online":  # conditions only: the labels come from the simulator inside the step
         if config.data.kind != "toy":
             raise ValueError(f"mode='online' takes conditions from data.kind='toy', got {config.data.kind!r}")
-        return toy_conditions.ToyConditionSource(config.seed, global_batch, config.data.toy_pool_size,
-                                                 jax.process_index(), jax.process_count())
+        return toy_conditions.ToyConditionSource(
+            config.seed, global_batch, config.data.toy_pool_size, jax.process_index(), jax.process_count()
+        )
     if config.mode != "offline":
         raise ValueError(f"config.mode must be 'offline' or 'online', got {config.mode!r}")
     args = config.model.args
@@ -213,7 +213,9 @@ class MetricWriter:
             for k, v in metrics.items():
                 self.writer.add_scalar(f"heldout/{k}", float(v), step)
             self.writer.flush()
-            self.jsonl.write(json.dumps({"step": step, **{f"heldout_{k}": float(v) for k, v in metrics.items()}}) + "\n")
+            self.jsonl.write(
+                json.dumps({"step": step, **{f"heldout_{k}": float(v) for k, v in metrics.items()}}) + "\n"
+            )
             self.jsonl.flush()
 
     def close(self):
@@ -247,14 +249,25 @@ def _evaluate_online(config, workdir, rollout, held, base, overlay, dec_params, 
     """Held-out stable rate / angle / IoU of base ⊕ overlay (``overlay=None``: the pretrained model) on
     ``held`` (`toy_conditions.heldout`); ``tag`` names the render ``generations_{tag}.png`` (None: no render)."""
     params = online.policy_params(base, overlay, dtype)
-    res = evaluation.evaluate(rollout, params, dec_params, held["cond"], jax.random.key(config.eval.seed),
-                              batch=config.eval.batch, reference=held["occ"])
+    res = evaluation.evaluate(
+        rollout,
+        params,
+        dec_params,
+        held["cond"],
+        jax.random.key(config.eval.seed),
+        batch=config.eval.batch,
+        reference=held["occ"],
+    )
     if tag is not None and jax.process_index() == 0:
         from dso_jax.data import toy_render
 
         n = min(6, len(held["occ"]))
-        toy_render.save_objects(os.path.join(workdir, f"generations_{tag}.png"), res["occ"][:n],
-                                [f"{tag} {a:.0f} deg" for a in res["angle"][:n, 0]], res["stable"][:n, 0])
+        toy_render.save_objects(
+            os.path.join(workdir, f"generations_{tag}.png"),
+            res["occ"][:n],
+            [f"{tag} {a:.0f} deg" for a in res["angle"][:n, 0]],
+            res["stable"][:n, 0],
+        )
     return res
 
 
@@ -270,15 +283,24 @@ def _finish_online(config, workdir, before, after, seconds) -> dict:
                     rates.append(row["stable_rate"])
                 elif "heldout_stable_rate" in row:  # eval.every: the held-out trajectory
                     heldout.append(row)
-    extra = {"loss": config.loss, "steps": config.train.steps, "eval_conditions": config.eval.num_conditions,
-             "eval_candidates": config.eval.num_candidates}
+    extra = {
+        "loss": config.loss,
+        "steps": config.train.steps,
+        "eval_conditions": config.eval.num_conditions,
+        "eval_candidates": config.eval.num_candidates,
+    }
     if heldout:
         extra["heldout_curve"] = heldout
     summary = evaluation.write_summary(workdir, before, after, seconds, extra)
     evaluation.print_summary(summary)
     if steps:
-        evaluation.plot_curve(os.path.join(workdir, "stable_rate.png"), steps, rates, "stable rate of fresh samples",
-                              f"online {config.loss.upper()} (toy world)")
+        evaluation.plot_curve(
+            os.path.join(workdir, "stable_rate.png"),
+            steps,
+            rates,
+            "stable rate of fresh samples",
+            f"online {config.loss.upper()} (toy world)",
+        )
     return summary
 
 
@@ -302,8 +324,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     global_batch = config.train.batch_size * shards
     if config.loss not in losses.LOSSES:
         raise ValueError(f"config.loss must be one of {sorted(losses.LOSSES)}, got {config.loss!r}")
-    logging.info("mesh %s; %d pairs per step (%d per device x %d accumulation x %d devices)",
-                 dict(mesh.shape), global_batch * config.train.grad_accum, config.train.batch_size, config.train.grad_accum, shards)
+    logging.info(
+        "mesh %s; %d pairs per step (%d per device x %d accumulation x %d devices)",
+        dict(mesh.shape),
+        global_batch * config.train.grad_accum,
+        config.train.batch_size,
+        config.train.grad_accum,
+        shards,
+    )
 
     # --- Model: shapes first, then materialise sharded -------------------------------------------
     dtype = compute_dtype(config.model.compute_dtype)
@@ -328,9 +356,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tx = make_optimizer(config.optim)
 
     def init_state(key):
-        overlay = lora.init_overlay(key, abstract_base, rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets))
-        return TrainState(step=jnp.zeros((), jnp.int32), overlay=overlay, opt_state=tx.init(overlay),
-                          rng=jax.random.key_data(jax.random.fold_in(root_key, 2)))
+        overlay = lora.init_overlay(
+            key, abstract_base, rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets)
+        )
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            overlay=overlay,
+            opt_state=tx.init(overlay),
+            rng=jax.random.key_data(jax.random.fold_in(root_key, 2)),
+        )
 
     abstract_state = jax.eval_shape(init_state, jax.random.fold_in(root_key, 1))
     state_shardings = sharding.param_shardings(abstract_state, mesh)
@@ -358,20 +392,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         dec_params = jax.device_put(dec_params, sharding.replicated(mesh))
         stability_fn = physics.make_stability_fn(config.physics)
         latent_shape = (args["in_channels"],) + (args["resolution"],) * 3
-        step = online.make_online_step(apply_fn, decode_fn, stability_fn, tx, config, latent_shape=latent_shape,
-                                       dtype=dtype, schedule=lr_schedule(config.optim))
+        step = online.make_online_step(
+            apply_fn,
+            decode_fn,
+            stability_fn,
+            tx,
+            config,
+            latent_shape=latent_shape,
+            dtype=dtype,
+            schedule=lr_schedule(config.optim),
+        )
         step_fn = jax.jit(
             step,
-            in_shardings=(state_shardings, sharding.batch_sharding(mesh, batch_axis=0), base_shardings, sharding.replicated(mesh)),
+            in_shardings=(
+                state_shardings,
+                sharding.batch_sharding(mesh, batch_axis=0),
+                base_shardings,
+                sharding.replicated(mesh),
+            ),
             out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=(0,),
         )
         run_step = lambda st, b: step_fn(st, b, base, dec_params)
         per_round = config.online.updates_per_sample
         if total % per_round or start % per_round:
-            raise ValueError(f"train.steps {total} and the resume step {start} must be multiples of online.updates_per_sample {per_round}")
-        rollout = jax.jit(online.make_rollout_fn(apply_fn, decode_fn, stability_fn, config.sampler, latent_shape,
-                                                 config.eval.num_candidates))
+            raise ValueError(
+                f"train.steps {total} and the resume step {start} must be multiples of online.updates_per_sample {per_round}"
+            )
+        rollout = jax.jit(
+            online.make_rollout_fn(
+                apply_fn, decode_fn, stability_fn, config.sampler, latent_shape, config.eval.num_candidates
+            )
+        )
         held = toy_conditions.heldout(config.eval.seed, config.eval.num_conditions)  # before, eval.every, after
         before_path = os.path.join(workdir, "eval_before.json")
         if os.path.exists(before_path):
@@ -415,7 +467,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if done % config.train.log_every < per_round or done == total:
                 dt = time.perf_counter() - t_log
                 rate = steps_since_log / max(dt, 1e-9)
-                summary = writer.flush(done, {"steps_per_sec": rate, "pairs_per_sec": rate * global_batch * config.train.grad_accum})
+                summary = writer.flush(
+                    done, {"steps_per_sec": rate, "pairs_per_sec": rate * global_batch * config.train.grad_accum}
+                )
                 t_log, steps_since_log = time.perf_counter(), 0
 
     try:

@@ -8,10 +8,7 @@ sha256, every tensor's name/shape/dtype). ``--verify`` reloads DIR and encodes a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, no install needed
 
 
 def main(argv=None) -> int:
@@ -31,8 +28,10 @@ def main(argv=None) -> int:
     if args.verify:
         config, params = load_converted_dinov2(args.dst)
         stats = dinov2.check_encoder(params, dinov2.config_from_dict(config))
-        print(f"verify ok: cond {stats['shape']} finite and deterministic, mean {stats['mean']:.4g} "
-              f"std {stats['std']:.4g} max|x| {stats['max_abs']:.4g}")
+        print(
+            f"verify ok: cond {stats['shape']} finite and deterministic, mean {stats['mean']:.4g} "
+            f"std {stats['std']:.4g} max|x| {stats['max_abs']:.4g}"
+        )
     return 0
 
 

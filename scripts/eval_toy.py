@@ -10,15 +10,11 @@ same conditions) and ``heldout_samples.png`` into the workdir.
 """
 
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from dso_jax import pretrain_toy  # noqa: E402
+from dso_jax import pretrain_toy
 
 config_flags.DEFINE_config_file("config", None, "configs/pretrain_toy.py[:variant]", lock_config=True)
 flags.DEFINE_string("weights", "ported_weights/toy", "a converted folder (params.safetensors + config.json)")

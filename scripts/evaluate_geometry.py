@@ -13,48 +13,49 @@ import argparse
 import glob
 import json
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--mesh_paths", required=True)
-  parser.add_argument("--ground_truth_paths", required=True, help="directory with the ground-truth meshes")
-  parser.add_argument("--up_dir", default="y", choices=["y", "z"])
-  parser.add_argument("--n_points", type=int, default=10_000)
-  parser.add_argument("--tau", type=float, default=0.05)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default="geometry.json")
-  args = parser.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mesh_paths", required=True)
+    parser.add_argument("--ground_truth_paths", required=True, help="directory with the ground-truth meshes")
+    parser.add_argument("--up_dir", default="y", choices=["y", "z"])
+    parser.add_argument("--n_points", type=int, default=10_000)
+    parser.add_argument("--tau", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="geometry.json")
+    args = parser.parse_args()
 
-  from dso_jax.physics import metrics
+    from dso_jax.physics import metrics
 
-  paths = sorted(glob.glob(args.mesh_paths))
-  if not paths:
-    raise SystemExit(f"no files match {args.mesh_paths!r}")
-  results = metrics.evaluate_geometry_files(paths, args.ground_truth_paths, up_dir=args.up_dir,
-                                            n_points=args.n_points, tau=args.tau, seed=args.seed)
-  table = {os.path.basename(p): r for p, r in zip(paths, results)}
-  ok = [r for r in results if "error" not in r]
-  summary = dict(count=len(ok), failed=len(results) - len(ok),
-                 mean_fscore=float(np.mean([r["fscore"] for r in ok])) if ok else None,
-                 mean_chamfer=float(np.mean([r["chamfer"] for r in ok])) if ok else None)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as fh:
-    json.dump(dict(meshes=table, summary=summary), fh, indent=1)
-  for k, r in table.items():
-    if "error" in r:
-      print(f"  failed {k}: {r['error']}")
-  print(f"Evaluated {summary['count']} of {len(paths)} meshes")
-  if ok:
-    print(f"Average F-Score: {summary['mean_fscore']:.4f}")
-    print(f"Average Chamfer Distance: {summary['mean_chamfer']:.5f}")
-  print(f"wrote {args.out}")
+    paths = sorted(glob.glob(args.mesh_paths))
+    if not paths:
+        raise SystemExit(f"no files match {args.mesh_paths!r}")
+    results = metrics.evaluate_geometry_files(
+        paths, args.ground_truth_paths, up_dir=args.up_dir, n_points=args.n_points, tau=args.tau, seed=args.seed
+    )
+    table = {os.path.basename(p): r for p, r in zip(paths, results)}
+    ok = [r for r in results if "error" not in r]
+    summary = dict(
+        count=len(ok),
+        failed=len(results) - len(ok),
+        mean_fscore=float(np.mean([r["fscore"] for r in ok])) if ok else None,
+        mean_chamfer=float(np.mean([r["chamfer"] for r in ok])) if ok else None,
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(dict(meshes=table, summary=summary), fh, indent=1)
+    for k, r in table.items():
+        if "error" in r:
+            print(f"  failed {k}: {r['error']}")
+    print(f"Evaluated {summary['count']} of {len(paths)} meshes")
+    if ok:
+        print(f"Average F-Score: {summary['mean_fscore']:.4f}")
+        print(f"Average Chamfer Distance: {summary['mean_chamfer']:.5f}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-  main()
+    main()

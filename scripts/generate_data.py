@@ -14,10 +14,7 @@ DATA/dso_pairs/ is rebuilt from all finished images at the end of every run.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, no install needed
 
 
 def main(argv=None) -> int:
@@ -39,8 +36,15 @@ def main(argv=None) -> int:
     paths = generate.expand_images(args.images)
     physics = rollout.with_overrides(rollout.default_sim_config(), args.sim, flag="--sim")
     gen = generate.generator_from_args(args, physics=physics, lora=args.lora or None, lora_alpha=args.lora_alpha)
-    summary = generate.generate_dataset(gen, paths, args.out, num_samples=args.num_samples, seed=args.seed,
-                                        noise_file=args.noise_file or None, background=args.background)
+    summary = generate.generate_dataset(
+        gen,
+        paths,
+        args.out,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        noise_file=args.noise_file or None,
+        background=args.background,
+    )
     return 0 if summary["dataset"] else 1  # nothing usable at all: fail the job
 
 

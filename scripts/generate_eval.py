@@ -14,10 +14,7 @@ filters images only when given; unlike DSO's script it is never applied implicit
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, no install needed
 
 
 def main(argv=None) -> int:
@@ -40,8 +37,17 @@ def main(argv=None) -> int:
         with open(args.ids) as f:
             ids = [line.strip() for line in f if line.strip()]
     gen = generate.generator_from_args(args)
-    generate.generate_eval(gen, paths, args.out, lora=args.lora or None, lora_alpha=args.lora_alpha, ids=ids,
-                           seed=args.seed, num_samples=args.num_samples, background=args.background)
+    generate.generate_eval(
+        gen,
+        paths,
+        args.out,
+        lora=args.lora or None,
+        lora_alpha=args.lora_alpha,
+        ids=ids,
+        seed=args.seed,
+        num_samples=args.num_samples,
+        background=args.background,
+    )
     return 0
 
 

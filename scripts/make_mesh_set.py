@@ -26,87 +26,107 @@ import numpy as np
 
 
 def _sources(wheel: str | None) -> dict[str, bytes]:
-  """name -> OBJ bytes for every random_urdfs object."""
-  if wheel:
-    paths = glob.glob(wheel)
-    if not paths:
-      raise SystemExit(f"no wheel matches {wheel}")
-    with zipfile.ZipFile(paths[0]) as z:
-      names = sorted(n for n in z.namelist()
-                     if n.startswith("pybullet_data/random_urdfs/") and n.endswith(".obj"))
-      return {os.path.basename(n)[:-4]: z.read(n) for n in names}
-  try:
-    import pybullet_data
-  except ImportError:
-    raise SystemExit("pybullet_data not found: pip install pybullet==3.2.7, or pass --wheel") from None
-  names = sorted(glob.glob(os.path.join(pybullet_data.getDataPath(), "random_urdfs", "*", "*.obj")))
-  return {os.path.basename(n)[:-4]: open(n, "rb").read() for n in names}
+    """name -> OBJ bytes for every random_urdfs object."""
+    if wheel:
+        paths = glob.glob(wheel)
+        if not paths:
+            raise SystemExit(f"no wheel matches {wheel}")
+        with zipfile.ZipFile(paths[0]) as z:
+            names = sorted(
+                n for n in z.namelist() if n.startswith("pybullet_data/random_urdfs/") and n.endswith(".obj")
+            )
+            return {os.path.basename(n)[:-4]: z.read(n) for n in names}
+    try:
+        import pybullet_data
+    except ImportError:
+        raise SystemExit("pybullet_data not found: pip install pybullet==3.2.7, or pass --wheel") from None
+    names = sorted(glob.glob(os.path.join(pybullet_data.getDataPath(), "random_urdfs", "*", "*.obj")))
+    return {os.path.basename(n)[:-4]: open(n, "rb").read() for n in names}
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
-  q = rng.normal(size=4)
-  q /= np.linalg.norm(q)
-  w, x, y, z = q
-  return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                   [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                   [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+    q = rng.normal(size=4)
+    q /= np.linalg.norm(q)
+    w, x, y, z = q
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
 
 
 def _tilt(rng: np.random.Generator, max_deg: float) -> np.ndarray:
-  axis_angle = rng.uniform(0, 2 * np.pi)
-  axis = np.array([np.cos(axis_angle), np.sin(axis_angle), 0.0])
-  theta = np.deg2rad(rng.uniform(0, max_deg))
-  k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-  return np.eye(3) + np.sin(theta) * k + (1 - np.cos(theta)) * k @ k
+    axis_angle = rng.uniform(0, 2 * np.pi)
+    axis = np.array([np.cos(axis_angle), np.sin(axis_angle), 0.0])
+    theta = np.deg2rad(rng.uniform(0, max_deg))
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(theta) * k + (1 - np.cos(theta)) * k @ k
 
 
 def build(out: str, num_base: int, seed: int, wheel: str | None) -> dict:
-  import trimesh
+    import trimesh
 
-  sources = _sources(wheel)
-  if len(sources) < num_base:
-    raise SystemExit(f"only {len(sources)} source meshes, need {num_base}")
-  rng = np.random.default_rng(seed)
-  picked = sorted(rng.choice(sorted(sources), size=num_base, replace=False).tolist())
-  os.makedirs(os.path.join(out, "meshes"), exist_ok=True)
-  entries = []
-  for name in picked:
-    mesh = trimesh.load(io.BytesIO(sources[name]), file_type="obj", force="mesh", process=False)
-    v0 = np.asarray(mesh.vertices, np.float64)
-    v0 = v0 - v0.mean(0)
-    f = np.asarray(mesh.faces)
-    rot = _random_rotation(rng)
-    stretch = np.exp(rng.uniform(np.log(1 / 2.5), np.log(2.5), size=3))
-    tilt = _tilt(rng, 25.0)
-    variants = {
-        "asis": (np.eye(3), np.ones(3)),
-        "posed": (rot, np.ones(3)),
-        "stretch": (tilt, stretch),
-    }
-    for kind, (r, s) in variants.items():
-      v = (v0 * s) @ r.T
-      file = f"{name}_{kind}.obj"
-      trimesh.Trimesh(v, f, process=False).export(os.path.join(out, "meshes", file))
-      entries.append(dict(file=file, source=f"pybullet_data/random_urdfs/{name}/{name}.obj", variant=kind,
-                          rotation=np.round(r, 8).tolist(), stretch=np.round(s, 8).tolist()))
-  manifest = dict(recipe=dict(package="pybullet==3.2.7", source="pybullet_data/random_urdfs/*/*.obj",
-                              num_base=num_base, seed=seed, up_dir="z",
-                              variants=["asis", "posed", "stretch"]), meshes=entries)
-  with open(os.path.join(out, "manifest.json"), "w") as fh:
-    json.dump(manifest, fh, indent=1)
-  return manifest
+    sources = _sources(wheel)
+    if len(sources) < num_base:
+        raise SystemExit(f"only {len(sources)} source meshes, need {num_base}")
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(sorted(sources), size=num_base, replace=False).tolist())
+    os.makedirs(os.path.join(out, "meshes"), exist_ok=True)
+    entries = []
+    for name in picked:
+        mesh = trimesh.load(io.BytesIO(sources[name]), file_type="obj", force="mesh", process=False)
+        v0 = np.asarray(mesh.vertices, np.float64)
+        v0 = v0 - v0.mean(0)
+        f = np.asarray(mesh.faces)
+        rot = _random_rotation(rng)
+        stretch = np.exp(rng.uniform(np.log(1 / 2.5), np.log(2.5), size=3))
+        tilt = _tilt(rng, 25.0)
+        variants = {
+            "asis": (np.eye(3), np.ones(3)),
+            "posed": (rot, np.ones(3)),
+            "stretch": (tilt, stretch),
+        }
+        for kind, (r, s) in variants.items():
+            v = (v0 * s) @ r.T
+            file = f"{name}_{kind}.obj"
+            trimesh.Trimesh(v, f, process=False).export(os.path.join(out, "meshes", file))
+            entries.append(
+                dict(
+                    file=file,
+                    source=f"pybullet_data/random_urdfs/{name}/{name}.obj",
+                    variant=kind,
+                    rotation=np.round(r, 8).tolist(),
+                    stretch=np.round(s, 8).tolist(),
+                )
+            )
+    manifest = dict(
+        recipe=dict(
+            package="pybullet==3.2.7",
+            source="pybullet_data/random_urdfs/*/*.obj",
+            num_base=num_base,
+            seed=seed,
+            up_dir="z",
+            variants=["asis", "posed", "stretch"],
+        ),
+        meshes=entries,
+    )
+    with open(os.path.join(out, "manifest.json"), "w") as fh:
+        json.dump(manifest, fh, indent=1)
+    return manifest
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", default="runs/mesh_set")
-  parser.add_argument("--num_base", type=int, default=200)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--wheel", default=None, help="path/glob of a downloaded pybullet wheel")
-  args = parser.parse_args()
-  manifest = build(args.out, args.num_base, args.seed, args.wheel)
-  print(f"wrote {len(manifest['meshes'])} meshes to {args.out}/meshes (manifest.json beside)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/mesh_set")
+    parser.add_argument("--num_base", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--wheel", default=None, help="path/glob of a downloaded pybullet wheel")
+    args = parser.parse_args()
+    manifest = build(args.out, args.num_base, args.seed, args.wheel)
+    print(f"wrote {len(manifest['meshes'])} meshes to {args.out}/meshes (manifest.json beside)")
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -11,8 +11,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, no install needed
-
 
 def main(argv=None) -> int:
     import numpy as np
@@ -33,14 +31,15 @@ def main(argv=None) -> int:
     np.savez_compressed(args.out, **data)
     st = data["stable"]
     both = np.mean(st.any(axis=1) & ~st.all(axis=1))
-    print(f"wrote {args.out}: {args.n} conditions x {args.k} completions ({args.split}), "
-          f"stable {st.mean():.3f}, conditions with both labels {both:.3f}")
+    print(
+        f"wrote {args.out}: {args.n} conditions x {args.k} completions ({args.split}), "
+        f"stable {st.mean():.3f}, conditions with both labels {both:.3f}"
+    )
     if args.png:
         m = min(3, args.n)
         occ = toy.unpack_occ(data["occ_bits"][:m]).reshape((-1,) + (toy.RES,) * 3)
         caps = [f"cond {i} ({toy.KINDS[data['kind'][i]]}) completion {j}" for i in range(m) for j in range(args.k)]
-        toy_render.save_objects(os.path.splitext(args.out)[0] + ".png", occ, caps, st[:m].reshape(-1),
-                                ncols=args.k)
+        toy_render.save_objects(os.path.splitext(args.out)[0] + ".png", occ, caps, st[:m].reshape(-1), ncols=args.k)
     return 0
 
 

@@ -17,138 +17,155 @@ import argparse
 import glob
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-
 
 def _confusion(ref_stable: np.ndarray, stable: np.ndarray) -> dict:
-  return dict(agree=float(np.mean(ref_stable == stable)),
-              ref_stable_pred_stable=int(np.sum(ref_stable & stable)),
-              ref_stable_pred_unstable=int(np.sum(ref_stable & ~stable)),
-              ref_unstable_pred_stable=int(np.sum(~ref_stable & stable)),
-              ref_unstable_pred_unstable=int(np.sum(~ref_stable & ~stable)))
+    return dict(
+        agree=float(np.mean(ref_stable == stable)),
+        ref_stable_pred_stable=int(np.sum(ref_stable & stable)),
+        ref_stable_pred_unstable=int(np.sum(ref_stable & ~stable)),
+        ref_unstable_pred_stable=int(np.sum(~ref_stable & stable)),
+        ref_unstable_pred_unstable=int(np.sum(~ref_stable & ~stable)),
+    )
 
 
 def _print_confusion(name: str, c: dict, n: int) -> None:
-  print(f"\n{name}: agreement {100 * c['agree']:.2f}% of {n}")
-  print("                 pred stable  pred unstable")
-  print(f"  ref stable     {c['ref_stable_pred_stable']:11d}  {c['ref_stable_pred_unstable']:13d}")
-  print(f"  ref unstable   {c['ref_unstable_pred_stable']:11d}  {c['ref_unstable_pred_unstable']:13d}")
+    print(f"\n{name}: agreement {100 * c['agree']:.2f}% of {n}")
+    print("                 pred stable  pred unstable")
+    print(f"  ref stable     {c['ref_stable_pred_stable']:11d}  {c['ref_stable_pred_unstable']:13d}")
+    print(f"  ref unstable   {c['ref_unstable_pred_stable']:11d}  {c['ref_unstable_pred_unstable']:13d}")
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--mesh_dir", default="runs/mesh_set/meshes")
-  parser.add_argument("--up_dir", default="z", choices=["x", "y", "z"])
-  parser.add_argument("--no_rescale", action="store_true")
-  parser.add_argument("--resolution", type=int, default=64)
-  parser.add_argument("--set", action="append", default=[], help="sim config override key=value")
-  parser.add_argument("--x64", action="store_true")
-  parser.add_argument("--batch", type=int, default=200)
-  parser.add_argument("--workers", type=int, default=None)
-  parser.add_argument("--reference_json", default=None, help="reuse reference results from an earlier --out")
-  parser.add_argument("--skip", default="", help="comma list of paths to skip: mesh,occ")
-  parser.add_argument("--limit", type=int, default=0)
-  parser.add_argument("--out", default="runs/agreement.json")
-  args = parser.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mesh_dir", default="runs/mesh_set/meshes")
+    parser.add_argument("--up_dir", default="z", choices=["x", "y", "z"])
+    parser.add_argument("--no_rescale", action="store_true")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--set", action="append", default=[], help="sim config override key=value")
+    parser.add_argument("--x64", action="store_true")
+    parser.add_argument("--batch", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--reference_json", default=None, help="reuse reference results from an earlier --out")
+    parser.add_argument("--skip", default="", help="comma list of paths to skip: mesh,occ")
+    parser.add_argument("--limit", type=int, default=0)
+    parser.add_argument("--out", default="runs/agreement.json")
+    args = parser.parse_args()
 
-  import jax
-  if args.x64:
-    jax.config.update("jax_enable_x64", True)
-  import jax.numpy as jnp
+    import jax
 
-  from dso_jax.physics import body as body_lib
-  from dso_jax.physics import mesh_io, reference, rollout
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
 
-  cfg = rollout.with_overrides(rollout.default_sim_config(), args.set)
-  # the mesh path evaluates with finer steps (rollout.mesh_sim_config); the overrides apply to both
-  mesh_cfg = rollout.with_overrides(rollout.mesh_sim_config(), args.set)
-  print("occupancy sim config:", {k: cfg[k] for k in cfg})
-  print("mesh sim config differs in:", {k: mesh_cfg[k] for k in mesh_cfg if mesh_cfg[k] != cfg[k]})
+    from dso_jax.physics import body as body_lib
+    from dso_jax.physics import mesh_io, reference, rollout
 
-  paths = sorted(glob.glob(os.path.join(args.mesh_dir, "*")))
-  if args.limit:
-    paths = paths[:args.limit]
-  names = [os.path.basename(p) for p in paths]
-  meshes, errors = {}, {}
-  for p, name in zip(paths, names):
-    try:
-      meshes[name] = mesh_io.load_and_prepare(p, up_dir=args.up_dir, rescale=not args.no_rescale)
-    except Exception as err:
-      errors[name] = mesh_io.error_reason(err)
-  print(f"{len(meshes)} meshes prepared, {len(errors)} failed to load")
+    cfg = rollout.with_overrides(rollout.default_sim_config(), args.set)
+    # the mesh path evaluates with finer steps (rollout.mesh_sim_config); the overrides apply to both
+    mesh_cfg = rollout.with_overrides(rollout.mesh_sim_config(), args.set)
+    print("occupancy sim config:", {k: cfg[k] for k in cfg})
+    print("mesh sim config differs in:", {k: mesh_cfg[k] for k in mesh_cfg if mesh_cfg[k] != cfg[k]})
 
-  # Reference (cached).
-  ref = {}
-  if args.reference_json and os.path.exists(args.reference_json):
-    ref = json.load(open(args.reference_json))["reference"]
-  todo = [n for n in meshes if n not in ref]
-  if todo:
-    t = time.time()
-    res = reference.simulate_many([(meshes[n].vertices, meshes[n].faces) for n in todo], workers=args.workers)
-    ref.update(dict(zip(todo, res)))
-    print(f"reference: {len(todo)} meshes in {time.time() - t:.1f} s")
-  ok = [n for n in meshes if "angle" in ref.get(n, {})]
-  for n in meshes:
-    if n not in ok:
-      errors[n] = ref.get(n, {}).get("error", "reference failed")
-  ref_angle = np.array([ref[n]["angle"] for n in ok])
-  ref_stable = ref_angle < cfg.threshold_deg
-  print(f"reference: {ref_stable.sum()} stable / {len(ok)}")
-  results = dict(config={k: cfg[k] for k in cfg}, mesh_config={k: mesh_cfg[k] for k in mesh_cfg}, x64=args.x64, names=ok, reference=ref, errors=errors,
-                 confusion={})
-  skip = set(args.skip.split(","))
+    paths = sorted(glob.glob(os.path.join(args.mesh_dir, "*")))
+    if args.limit:
+        paths = paths[: args.limit]
+    names = [os.path.basename(p) for p in paths]
+    meshes, errors = {}, {}
+    for p, name in zip(paths, names):
+        try:
+            meshes[name] = mesh_io.load_and_prepare(p, up_dir=args.up_dir, rescale=not args.no_rescale)
+        except Exception as err:
+            errors[name] = mesh_io.error_reason(err)
+    print(f"{len(meshes)} meshes prepared, {len(errors)} failed to load")
 
-  if "mesh" not in skip:
-    bodies, keep = [], []
-    for n in ok:
-      try:
-        bodies.append(body_lib.mesh_body(meshes[n].vertices, meshes[n].faces, mesh_cfg))
-        keep.append(n)
-      except Exception as err:
-        errors[n] = f"mesh_body: {mesh_io.error_reason(err)}"
-    t = time.time()
-    out = rollout.simulate_mesh_bodies(mesh_cfg, bodies, batch_size=min(args.batch, len(bodies)))
-    print(f"mjx_mesh: {len(bodies)} in {time.time() - t:.1f} s (incl. compile)")
-    idx = [ok.index(n) for n in keep]
-    c = _confusion(ref_stable[idx], out["stable"])
-    _print_confusion("mjx_mesh vs reference", c, len(keep))
-    results["confusion"]["mjx_mesh"] = c
-    results["mjx_mesh"] = {n: dict(angle=float(a), tilt=float(tl), margin=float(m))
-                           for n, a, tl, m in zip(keep, out["angle"], out["tilt"], out["margin"])}
+    # Reference (cached).
+    ref = {}
+    if args.reference_json and os.path.exists(args.reference_json):
+        ref = json.load(open(args.reference_json))["reference"]
+    todo = [n for n in meshes if n not in ref]
+    if todo:
+        t = time.time()
+        res = reference.simulate_many([(meshes[n].vertices, meshes[n].faces) for n in todo], workers=args.workers)
+        ref.update(dict(zip(todo, res)))
+        print(f"reference: {len(todo)} meshes in {time.time() - t:.1f} s")
+    ok = [n for n in meshes if "angle" in ref.get(n, {})]
+    for n in meshes:
+        if n not in ok:
+            errors[n] = ref.get(n, {}).get("error", "reference failed")
+    ref_angle = np.array([ref[n]["angle"] for n in ok])
+    ref_stable = ref_angle < cfg.threshold_deg
+    print(f"reference: {ref_stable.sum()} stable / {len(ok)}")
+    results = dict(
+        config={k: cfg[k] for k in cfg},
+        mesh_config={k: mesh_cfg[k] for k in mesh_cfg},
+        x64=args.x64,
+        names=ok,
+        reference=ref,
+        errors=errors,
+        confusion={},
+    )
+    skip = set(args.skip.split(","))
 
-  if "occ" not in skip:
-    t = time.time()
-    occ = np.stack([body_lib.voxelize_mesh(body_lib.mesh_to_grid_frame(meshes[n].vertices), meshes[n].faces,
-                                           args.resolution) for n in ok])
-    print(f"voxelised {len(ok)} meshes at {args.resolution}^3 in {time.time() - t:.1f} s")
-    fn = jax.jit(rollout.make_stability_fn(cfg))
-    bs = min(args.batch, len(ok))
-    outs = []
-    t = time.time()
-    for s in range(0, len(ok), bs):
-      chunk = occ[s:s + bs]
-      m = len(chunk)
-      if m < bs:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - m, 0)])
-      outs.append({k: np.asarray(v)[:m] for k, v in jax.device_get(fn(jnp.asarray(chunk))).items()})
-    out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-    print(f"mjx_occ: {len(ok)} in {time.time() - t:.1f} s (incl. compile)")
-    c = _confusion(ref_stable, out["stable"])
-    _print_confusion("mjx_occ vs reference", c, len(ok))
-    results["confusion"]["mjx_occ"] = c
-    results["mjx_occ"] = {n: dict(angle=float(a), tilt=float(tl), margin=float(m))
-                          for n, a, tl, m in zip(ok, out["angle"], out["tilt"], out["margin"])}
+    if "mesh" not in skip:
+        bodies, keep = [], []
+        for n in ok:
+            try:
+                bodies.append(body_lib.mesh_body(meshes[n].vertices, meshes[n].faces, mesh_cfg))
+                keep.append(n)
+            except Exception as err:
+                errors[n] = f"mesh_body: {mesh_io.error_reason(err)}"
+        t = time.time()
+        out = rollout.simulate_mesh_bodies(mesh_cfg, bodies, batch_size=min(args.batch, len(bodies)))
+        print(f"mjx_mesh: {len(bodies)} in {time.time() - t:.1f} s (incl. compile)")
+        idx = [ok.index(n) for n in keep]
+        c = _confusion(ref_stable[idx], out["stable"])
+        _print_confusion("mjx_mesh vs reference", c, len(keep))
+        results["confusion"]["mjx_mesh"] = c
+        results["mjx_mesh"] = {
+            n: dict(angle=float(a), tilt=float(tl), margin=float(m))
+            for n, a, tl, m in zip(keep, out["angle"], out["tilt"], out["margin"])
+        }
 
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as fh:
-    json.dump(results, fh, indent=1, default=float)
-  print(f"\nwrote {args.out}")
+    if "occ" not in skip:
+        t = time.time()
+        occ = np.stack(
+            [
+                body_lib.voxelize_mesh(
+                    body_lib.mesh_to_grid_frame(meshes[n].vertices), meshes[n].faces, args.resolution
+                )
+                for n in ok
+            ]
+        )
+        print(f"voxelised {len(ok)} meshes at {args.resolution}^3 in {time.time() - t:.1f} s")
+        fn = jax.jit(rollout.make_stability_fn(cfg))
+        bs = min(args.batch, len(ok))
+        outs = []
+        t = time.time()
+        for s in range(0, len(ok), bs):
+            chunk = occ[s : s + bs]
+            m = len(chunk)
+            if m < bs:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - m, 0)])
+            outs.append({k: np.asarray(v)[:m] for k, v in jax.device_get(fn(jnp.asarray(chunk))).items()})
+        out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        print(f"mjx_occ: {len(ok)} in {time.time() - t:.1f} s (incl. compile)")
+        c = _confusion(ref_stable, out["stable"])
+        _print_confusion("mjx_occ vs reference", c, len(ok))
+        results["confusion"]["mjx_occ"] = c
+        results["mjx_occ"] = {
+            n: dict(angle=float(a), tilt=float(tl), margin=float(m))
+            for n, a, tl, m in zip(ok, out["angle"], out["tilt"], out["margin"])
+        }
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(results, fh, indent=1, default=float)
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":
-  main()
+    main()

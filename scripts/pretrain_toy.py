@@ -8,15 +8,10 @@ held-out evaluation); ``--workdir`` receives ``metrics.jsonl``, ``eval.json`` an
 ``dso_jax.models.load_pretrained(OUT)`` loads the result.
 """
 
-import os
-import sys
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from dso_jax import pretrain_toy  # noqa: E402
+from dso_jax import pretrain_toy
 
 config_flags.DEFINE_config_file("config", None, "configs/pretrain_toy.py[:variant]", lock_config=True)
 flags.DEFINE_string("workdir", None, "metrics, evaluation and renders go here")

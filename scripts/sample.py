@@ -15,10 +15,7 @@ images whose outputs exist. See dso_jax/generate.py.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, no install needed
 
 
 def main(argv=None) -> int:
@@ -40,8 +37,16 @@ def main(argv=None) -> int:
     names = generate.output_names(paths, args.naming_level)
     gen = generate.generator_from_args(args, lora=args.lora or None, lora_alpha=args.lora_alpha)
     noise = generate.load_noise(args.noise_file, args.num_samples, gen.models.latent_shape) if args.noise_file else None
-    generate.sample_images(gen, paths, args.out, num_samples=args.num_samples, seed=args.seed, names=names,
-                           noise=noise, background=args.background)
+    generate.sample_images(
+        gen,
+        paths,
+        args.out,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        names=names,
+        noise=noise,
+        background=args.background,
+    )
     return 0
 
 

@@ -7,15 +7,12 @@ Rerunning the same command resumes from the workdir's latest checkpoint.
 """
 
 import logging as pylogging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from dso_jax import train  # noqa: E402
+from dso_jax import train
 
 config_flags.DEFINE_config_file("config", None, "configs/<loss>.py[:variant]", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and config.json go here")
@@ -30,7 +27,10 @@ def parse_flags(argv):
         overrides = [a.split("=", 1)[0][len("--config.") :] for a in argv[1:] if a.startswith("--config.")]
         config = _load_config(argv)
         unknown = [k for k in overrides if config is not None and not _has_key(config, k)]
-        print(f"FATAL Flags parsing error: unknown config key {', '.join(unknown) or e} (every key is declared in configs/common.py)", file=sys.stderr)
+        print(
+            f"FATAL Flags parsing error: unknown config key {', '.join(unknown) or e} (every key is declared in configs/common.py)",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 
@@ -39,7 +39,13 @@ def _load_config(argv):
     import importlib.util
 
     for i, a in enumerate(argv[1:], 1):
-        spec = a[len("--config=") :] if a.startswith("--config=") else argv[i + 1] if a == "--config" and i + 1 < len(argv) else None
+        spec = (
+            a[len("--config=") :]
+            if a.startswith("--config=")
+            else argv[i + 1]
+            if a == "--config" and i + 1 < len(argv)
+            else None
+        )
         if spec is None:
             continue
         path, _, arg = spec.partition(":")

@@ -21,23 +21,47 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root when run as a script
-
-from dso_jax.convert import trellis  # noqa: E402
-from dso_jax.convert.rules import BUFFER  # noqa: E402
+from dso_jax.convert import trellis
+from dso_jax.convert.rules import BUFFER
 
 FLOW_NAME, DECODER_NAME = "ss_flow_img_dit_L_16l8_fp16", "ss_dec_conv3d_16l8_fp16"
 
 # trellis.md §2.1 and §3.1 (the released ckpts/*.json args).
-RELEASED_FLOW_ARGS = dict(resolution=16, in_channels=8, out_channels=8, model_channels=1024, cond_channels=1024,
-                          num_blocks=24, num_heads=16, mlp_ratio=4, patch_size=1, pe_mode="ape", qk_rms_norm=True, use_fp16=True)
-RELEASED_DECODER_ARGS = dict(out_channels=1, latent_channels=8, num_res_blocks=2, num_res_blocks_middle=2,
-                             channels=[512, 128, 32], use_fp16=True)
+RELEASED_FLOW_ARGS = dict(
+    resolution=16,
+    in_channels=8,
+    out_channels=8,
+    model_channels=1024,
+    cond_channels=1024,
+    num_blocks=24,
+    num_heads=16,
+    mlp_ratio=4,
+    patch_size=1,
+    pe_mode="ape",
+    qk_rms_norm=True,
+    use_fp16=True,
+)
+RELEASED_DECODER_ARGS = dict(
+    out_channels=1, latent_channels=8, num_res_blocks=2, num_res_blocks_middle=2, channels=[512, 128, 32], use_fp16=True
+)
 # The released architectures at toy width: same options, fp16 torso, patch 2 to exercise patchify.
-TINY_FLOW_ARGS = dict(resolution=8, in_channels=4, out_channels=4, model_channels=64, cond_channels=32,
-                      num_blocks=2, num_heads=4, mlp_ratio=4, patch_size=2, pe_mode="ape", qk_rms_norm=True, use_fp16=True)
-TINY_DECODER_ARGS = dict(out_channels=1, latent_channels=4, num_res_blocks=1, num_res_blocks_middle=1,
-                         channels=[32, 16, 8], use_fp16=True)
+TINY_FLOW_ARGS = dict(
+    resolution=8,
+    in_channels=4,
+    out_channels=4,
+    model_channels=64,
+    cond_channels=32,
+    num_blocks=2,
+    num_heads=4,
+    mlp_ratio=4,
+    patch_size=2,
+    pe_mode="ape",
+    qk_rms_norm=True,
+    use_fp16=True,
+)
+TINY_DECODER_ARGS = dict(
+    out_channels=1, latent_channels=4, num_res_blocks=1, num_res_blocks_middle=1, channels=[32, 16, 8], use_fp16=True
+)
 
 # trellis.md §1.1 (pipeline.json); the stage-2 entries are listed but not written here.
 PIPELINE = {
@@ -51,10 +75,16 @@ PIPELINE = {
             "slat_decoder_mesh": "ckpts/slat_dec_mesh_swin8_B_64l8m256c_fp16",
             "slat_flow_model": "ckpts/slat_flow_img_dit_L_64l8p2_fp16",
         },
-        "sparse_structure_sampler": {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": 1e-5},
-                                     "params": {"steps": 25, "cfg_strength": 5.0, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0}},
-        "slat_sampler": {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": 1e-5},
-                         "params": {"steps": 25, "cfg_strength": 5.0, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0}},
+        "sparse_structure_sampler": {
+            "name": "FlowEulerGuidanceIntervalSampler",
+            "args": {"sigma_min": 1e-5},
+            "params": {"steps": 25, "cfg_strength": 5.0, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0},
+        },
+        "slat_sampler": {
+            "name": "FlowEulerGuidanceIntervalSampler",
+            "args": {"sigma_min": 1e-5},
+            "params": {"steps": 25, "cfg_strength": 5.0, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0},
+        },
         "image_cond_model": "dinov2_vitl14_reg",
     },
 }
@@ -93,9 +123,9 @@ def flow_pair(args: dict, seed: int = 0):
     """(Flax apply_fn, converted params, float32 PyTorch twin) for random released-dtype weights of ``args``:
     the same state dict loaded into both sides (the twin needs torch; imported here, not at module import)."""
     import torch
+    from twins import trellis_twin as tw
 
     from dso_jax.models.pretrained import buffers_of, make_apply_fn, model_from_config
-    from twins import trellis_twin as tw
 
     config = {"name": trellis.FLOW, "args": dict(args)}
     sd = random_state_dict(config, seed)
@@ -116,14 +146,17 @@ def write_checkpoint(prefix: str, config: dict, state_dict: dict) -> str:
     return prefix
 
 
-def write_trellis_folder(out: str, flow_args: dict = TINY_FLOW_ARGS, decoder_args: dict = TINY_DECODER_ARGS,
-                         seed: int = 0) -> dict[str, str]:
+def write_trellis_folder(
+    out: str, flow_args: dict = TINY_FLOW_ARGS, decoder_args: dict = TINY_DECODER_ARGS, seed: int = 0
+) -> dict[str, str]:
     """Write ``out/pipeline.json`` and both stage-1 checkpoints; returns {model name: prefix}."""
     os.makedirs(os.path.join(out, "ckpts"), exist_ok=True)
     with open(os.path.join(out, "pipeline.json"), "w") as f:
         json.dump(PIPELINE, f, indent=4)
     prefixes = {}
-    for i, (name, cls, args) in enumerate(((FLOW_NAME, trellis.FLOW, flow_args), (DECODER_NAME, trellis.DECODER, decoder_args))):
+    for i, (name, cls, args) in enumerate(
+        ((FLOW_NAME, trellis.FLOW, flow_args), (DECODER_NAME, trellis.DECODER, decoder_args))
+    ):
         config = {"name": cls, "args": dict(args)}
         prefixes[name] = write_checkpoint(os.path.join(out, "ckpts", name), config, random_state_dict(config, seed + i))
     return prefixes
@@ -136,7 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     flow, dec = (RELEASED_FLOW_ARGS, RELEASED_DECODER_ARGS) if args.released else (TINY_FLOW_ARGS, TINY_DECODER_ARGS)
-    for name, prefix in write_trellis_folder(args.out, flow, dec, args.seed).items():
+    for prefix in write_trellis_folder(args.out, flow, dec, args.seed).values():
         size = os.path.getsize(prefix + ".safetensors")
         print(f"wrote {prefix}.{{json,safetensors}} ({size:,} bytes)")
     return 0

@@ -1,29 +1,34 @@
 """TRELLIS -> Flax conversion: rules, key tables, released dtypes, strictness, files, CLI and loading."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ helpers and twins, whether or not tests/ is a package
-
 import hashlib
 import json
+import os
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers_trellis import (
+    DECODER_NAME,
+    FLOW_NAME,
+    TINY_DECODER_ARGS,
+    TINY_FLOW_ARGS,
+    random_state_dict,
+    write_checkpoint,
+    write_trellis_folder,
+)
 from safetensors.numpy import load_file, save_file
+from twins import trellis_twin as tw
 
 import convert_trellis
 from dso_jax.convert import rules, trellis
 from dso_jax.convert.verify import ConversionError, tree_diff
 from dso_jax.models import load_pretrained
-from dso_jax.models.pretrained import buffers_of, convert_trellis as convert_folder, model_from_config
-from helpers_trellis import (DECODER_NAME, FLOW_NAME, TINY_DECODER_ARGS, TINY_FLOW_ARGS, random_state_dict,
-                             write_checkpoint, write_trellis_folder)
-from twins import trellis_twin as tw
+from dso_jax.models.pretrained import buffers_of, model_from_config
+from dso_jax.models.pretrained import convert_trellis as convert_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOW_CFG = {"name": trellis.FLOW, "args": dict(TINY_FLOW_ARGS)}
@@ -39,17 +44,20 @@ def flow_buffers(config=FLOW_CFG):
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("torch_key,kind,flax_key", [
-    ("blocks.3.adaLN_modulation.1.weight", "linear", "blocks_3/adaLN_modulation_1/kernel"),
-    ("t_embedder.mlp.0.bias", "linear", "t_embedder/mlp_0/bias"),
-    ("blocks.0.mlp.mlp.2.weight", "linear", "blocks_0/mlp/mlp_2/kernel"),
-    ("blocks.1.norm2.weight", "layernorm", "blocks_1/norm2/scale"),
-    ("out_layer.0.weight", "layernorm", "out_layer_0/scale"),
-    ("out_layer.0.weight", "groupnorm", "out_layer_0/scale"),
-    ("middle_block.1.conv2.weight", "conv3d", "middle_block_1/conv2/kernel"),
-    ("blocks.0.self_attn.q_rms_norm.gamma", "rmsnorm", "blocks_0/self_attn/q_rms_norm/gamma"),
-    ("pos_emb", rules.BUFFER, None),
-])
+@pytest.mark.parametrize(
+    "torch_key,kind,flax_key",
+    [
+        ("blocks.3.adaLN_modulation.1.weight", "linear", "blocks_3/adaLN_modulation_1/kernel"),
+        ("t_embedder.mlp.0.bias", "linear", "t_embedder/mlp_0/bias"),
+        ("blocks.0.mlp.mlp.2.weight", "linear", "blocks_0/mlp/mlp_2/kernel"),
+        ("blocks.1.norm2.weight", "layernorm", "blocks_1/norm2/scale"),
+        ("out_layer.0.weight", "layernorm", "out_layer_0/scale"),
+        ("out_layer.0.weight", "groupnorm", "out_layer_0/scale"),
+        ("middle_block.1.conv2.weight", "conv3d", "middle_block_1/conv2/kernel"),
+        ("blocks.0.self_attn.q_rms_norm.gamma", "rmsnorm", "blocks_0/self_attn/q_rms_norm/gamma"),
+        ("pos_emb", rules.BUFFER, None),
+    ],
+)
 def test_flax_key(torch_key, kind, flax_key):
     assert rules.flax_key(torch_key, kind) == flax_key
 
@@ -75,11 +83,24 @@ def test_leaf_layouts():
 
 TABLE_CASES = [
     (tw.SparseStructureFlowModel, FLOW_CFG),
-    (tw.SparseStructureFlowModel, {"name": trellis.FLOW, "args": {**TINY_FLOW_ARGS, "share_mod": True, "qk_rms_norm": False,
-                                                                  "qk_rms_norm_cross": True, "use_fp16": False}}),
+    (
+        tw.SparseStructureFlowModel,
+        {
+            "name": trellis.FLOW,
+            "args": {
+                **TINY_FLOW_ARGS,
+                "share_mod": True,
+                "qk_rms_norm": False,
+                "qk_rms_norm_cross": True,
+                "use_fp16": False,
+            },
+        },
+    ),
     (tw.SparseStructureDecoder, DEC_CFG),
-    (tw.SparseStructureDecoder, {"name": trellis.DECODER,
-                                 "args": {**TINY_DECODER_ARGS, "channels": [32, 32], "norm_type": "group"}}),
+    (
+        tw.SparseStructureDecoder,
+        {"name": trellis.DECODER, "args": {**TINY_DECODER_ARGS, "channels": [32, 32], "norm_type": "group"}},
+    ),
 ]
 
 
@@ -89,17 +110,23 @@ def test_key_table_is_the_twin_state_dict(cls, config):
     table = trellis.key_table(config)
     assert [e.torch_key for e in table] == list(sd)  # names and order
     assert {e.torch_key: (e.shape, e.released) for e in table} == {
-        k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in sd.items()}  # shapes and released dtypes
+        k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in sd.items()
+    }  # shapes and released dtypes
 
 
 @pytest.mark.parametrize("cls,config", TABLE_CASES)
 def test_table_conversion_equals_module_type_conversion(cls, config):
     twin = tw.randomize_(cls(**config["args"]), seed=3)
     if config["name"] == trellis.FLOW:
-        twin.pos_emb.copy_(tw.ape(tw.grid(config["args"]["resolution"] // config["args"]["patch_size"]),
-                                  config["args"]["model_channels"]))
+        twin.pos_emb.copy_(
+            tw.ape(
+                tw.grid(config["args"]["resolution"] // config["args"]["patch_size"]), config["args"]["model_channels"]
+            )
+        )
     sd = {k: v.numpy() for k, v in twin.state_dict().items()}
-    params = trellis.convert_state_dict(sd, config, buffers=flow_buffers(config) if config["name"] == trellis.FLOW else None)
+    params = trellis.convert_state_dict(
+        sd, config, buffers=flow_buffers(config) if config["name"] == trellis.FLOW else None
+    )
     jax.tree.map(np.testing.assert_array_equal, params, tw.flax_params_of(twin))
 
 
@@ -123,21 +150,26 @@ def test_released_dtypes_convert_exactly(tmp_path):
         for e in trellis.key_table(config):
             if e.kind != rules.BUFFER:
                 assert flat[e.flax_key].dtype == np.float32
-                np.testing.assert_array_equal(rules.leaf_rule(e.kind, e.torch_key).to_torch(flat[e.flax_key]),
-                                              sd[e.torch_key].astype(np.float32))  # fp16 -> fp32 is exact
+                np.testing.assert_array_equal(
+                    rules.leaf_rule(e.kind, e.torch_key).to_torch(flat[e.flax_key]), sd[e.torch_key].astype(np.float32)
+                )  # fp16 -> fp32 is exact
 
 
 @pytest.mark.parametrize("config", [FLOW_CFG, DEC_CFG])
 def test_export_round_trips_bitwise(config):
     sd = random_state_dict(config, seed=5)
     buffers = flow_buffers() if config["name"] == trellis.FLOW else None
-    back = trellis.params_to_torch_state_dict(trellis.convert_state_dict(sd, config, buffers=buffers), config, buffers=buffers)
+    back = trellis.params_to_torch_state_dict(
+        trellis.convert_state_dict(sd, config, buffers=buffers), config, buffers=buffers
+    )
     assert list(back) == list(sd)
     for k in sd:
         assert back[k].dtype == sd[k].dtype, k
         if k != "pos_emb":  # the buffer is exported as recomputed (equal to 1e-6, not bitwise)
             np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
-    as_f32 = trellis.params_to_torch_state_dict(trellis.convert_state_dict(sd, config, buffers=buffers), config, dtype="float32")
+    as_f32 = trellis.params_to_torch_state_dict(
+        trellis.convert_state_dict(sd, config, buffers=buffers), config, dtype="float32"
+    )
     assert "pos_emb" not in as_f32 and all(v.dtype == np.float32 for v in as_f32.values())
 
 
@@ -174,7 +206,9 @@ def test_renamed_key_is_named():
 def test_missing_key_is_named():
     sd = random_state_dict(DEC_CFG)
     del sd["middle_block.0.norm2.bias"]
-    assert "ckpt.safetensors: missing key 'middle_block.0.norm2.bias' (expected shape (32,))" in convert_bad(sd, DEC_CFG)
+    assert "ckpt.safetensors: missing key 'middle_block.0.norm2.bias' (expected shape (32,))" in convert_bad(
+        sd, DEC_CFG
+    )
 
 
 def test_wrong_shape_is_named():
@@ -191,8 +225,12 @@ def test_every_problem_in_one_error():
     sd["blocks.0.norm2.bias"] = sd["blocks.0.norm2.bias"].astype(np.int32)
     msg = convert_bad(sd)
     assert msg.startswith("ckpt.safetensors does not match SparseStructureFlowModel: 4 problem(s)")
-    for part in ("unexpected key 'extra.weight'", "missing key 'out_layer.bias'", "mis-shaped key 'input_layer.weight'",
-                 "mis-typed key 'blocks.0.norm2.bias': dtype int32"):
+    for part in (
+        "unexpected key 'extra.weight'",
+        "missing key 'out_layer.bias'",
+        "mis-shaped key 'input_layer.weight'",
+        "mis-typed key 'blocks.0.norm2.bias': dtype int32",
+    ):
         assert part in msg
 
 
@@ -209,10 +247,14 @@ def test_bad_config_is_named():
     with pytest.raises(ConversionError, match="unknown arg 'model_chanels'"):
         trellis.key_table({"name": trellis.FLOW, "args": {**TINY_FLOW_ARGS, "model_chanels": 3}})
     with pytest.raises(ConversionError, match="missing required arg 'channels'"):
-        trellis.key_table({"name": trellis.DECODER, "args": {k: v for k, v in TINY_DECODER_ARGS.items() if k != "channels"}})
+        trellis.key_table(
+            {"name": trellis.DECODER, "args": {k: v for k, v in TINY_DECODER_ARGS.items() if k != "channels"}}
+        )
     with pytest.raises(ConversionError, match="'SLatFlowModel' is not a stage-1 model"):
         trellis.key_table({"name": "SLatFlowModel", "args": {}})
-    with pytest.raises(ConversionError, match="config names 'SparseStructureDecoder', expected 'SparseStructureFlowModel'"):
+    with pytest.raises(
+        ConversionError, match="config names 'SparseStructureDecoder', expected 'SparseStructureFlowModel'"
+    ):
         trellis.convert_ss_flow(random_state_dict(DEC_CFG), DEC_CFG)
 
 
@@ -232,20 +274,28 @@ def test_missing_files_name_the_path(tmp_path):
 
 
 def test_tree_diff_lists_every_difference():
-    want = {"a": {"kernel": jax.ShapeDtypeStruct((2, 3), jnp.float32), "bias": jax.ShapeDtypeStruct((3,), jnp.float32)},
-            "b": {"scale": jax.ShapeDtypeStruct((4,), jnp.float32)}, "c": {"gamma": jax.ShapeDtypeStruct((1,), jnp.float32)}}
-    got = {"a": {"kernel": np.zeros((3, 2), np.float32), "bias": np.zeros(3, np.float16)},
-           "b": {"scale": np.zeros(4, np.float32)}, "d": {"gamma": np.zeros(1, np.float32)}}
+    want = {
+        "a": {"kernel": jax.ShapeDtypeStruct((2, 3), jnp.float32), "bias": jax.ShapeDtypeStruct((3,), jnp.float32)},
+        "b": {"scale": jax.ShapeDtypeStruct((4,), jnp.float32)},
+        "c": {"gamma": jax.ShapeDtypeStruct((1,), jnp.float32)},
+    }
+    got = {
+        "a": {"kernel": np.zeros((3, 2), np.float32), "bias": np.zeros(3, np.float16)},
+        "b": {"scale": np.zeros(4, np.float32)},
+        "d": {"gamma": np.zeros(1, np.float32)},
+    }
     with pytest.raises(ConversionError) as info:
         tree_diff(got, want, source="DIR/params.safetensors")
     lines = str(info.value).splitlines()
     assert lines[0] == "converted params do not match the model: 4 problem(s)"
-    assert sorted(lines[1:]) == sorted([
-        "DIR/params.safetensors: missing key 'c/gamma' (expected shape (1,))",
-        "DIR/params.safetensors: unexpected key 'd/gamma' (shape (1,), float32)",
-        "DIR/params.safetensors: mis-shaped key 'a/kernel': shape (3, 2), expected (2, 3)",
-        "DIR/params.safetensors: mis-typed key 'a/bias': dtype float16, expected float32",
-    ])
+    assert sorted(lines[1:]) == sorted(
+        [
+            "DIR/params.safetensors: missing key 'c/gamma' (expected shape (1,))",
+            "DIR/params.safetensors: unexpected key 'd/gamma' (shape (1,), float32)",
+            "DIR/params.safetensors: mis-shaped key 'a/kernel': shape (3, 2), expected (2, 3)",
+            "DIR/params.safetensors: mis-typed key 'a/bias': dtype float16, expected float32",
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,7 +335,8 @@ def test_converted_folder_layout_and_manifest(src, dst, name, config):
         assert manifest["source"]["sha256"] == hashlib.sha256(f.read()).hexdigest()
     source = load_file(prefix + ".safetensors")
     assert {t["name"]: (tuple(t["shape"]), t["dtype"]) for t in manifest["tensors"]} == {
-        k: (v.shape, v.dtype.name) for k, v in source.items()}
+        k: (v.shape, v.dtype.name) for k, v in source.items()
+    }
     assert {t["flax"] for t in manifest["tensors"]} - {None} == set(flat)
     assert manifest["params"]["count"] == sum(v.size for v in flat.values())
     with open(os.path.join(dst, "source_pipeline.json")) as f, open(os.path.join(src, "pipeline.json")) as g:
@@ -294,8 +345,13 @@ def test_converted_folder_layout_and_manifest(src, dst, name, config):
 
 def test_cli_converts_one_prefix_and_verifies(src, tmp_path):
     prefix = os.path.join(src, "ckpts", DECODER_NAME)
-    run = subprocess.run([sys.executable, "convert_trellis.py", "--src", prefix, "--dst", str(tmp_path), "--verify"],
-                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    run = subprocess.run(
+        [sys.executable, "convert_trellis.py", "--src", prefix, "--dst", str(tmp_path), "--verify"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert run.returncode == 0, run.stderr
     assert f"verify {tmp_path}/{DECODER_NAME}: output (1, 1, 64, 64, 64) finite and deterministic" in run.stdout
     assert os.path.isfile(tmp_path / DECODER_NAME / "params.safetensors")

@@ -23,11 +23,13 @@ def test_dataset_round_trips_records_bit_exactly(tmp_path):
 
 
 def test_converter_reads_dso_layout(tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     records = synthetic.make_records(num_objects=3, views=2, latents_per_view=4, **SHAPES)
     synthetic.write_dso_layout(str(tmp_path / "category"), records)
     # Models with glb_id >= num_models_per_image (3 here) are ignored, like DSO's filter.
-    path = tfds_dso.convert_dso_layout(str(tmp_path / "category"), str(tmp_path / "tfds"), 3, cond_shape=COND, latent_shape=LAT)
+    path = tfds_dso.convert_dso_layout(
+        str(tmp_path / "category"), str(tmp_path / "tfds"), 3, cond_shape=COND, latent_shape=LAT
+    )
     source, meta = tfds_dso.open_dataset(path)
     assert len(source) == 3
     for i, rec in enumerate(records):

@@ -15,11 +15,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from dso_jax.convert.dinov2 import (ConversionError, convert_dinov2_state_dict, dinov2_key_table,
-                                    load_converted_dinov2, load_dinov2_pth, sha256_file)
-from dso_jax.models import dinov2 as dm
 from twins.dinov2_twin import DinoV2Twin, randomize_, state_dict_numpy
+
+from dso_jax.convert.dinov2 import (
+    ConversionError,
+    convert_dinov2_state_dict,
+    dinov2_key_table,
+    load_converted_dinov2,
+    load_dinov2_pth,
+    sha256_file,
+)
+from dso_jax.models import dinov2 as dm
 
 VITL14_REG4_PARAMS = 304_372_736  # dinov2_vitl14_reg (hub: img 518, patch 14, 1024-d, 24 blocks, 4 registers)
 VITL14_REG4_ENTRIES = 344  # state-dict tensors, incl. mask_token and the final norm
@@ -95,9 +101,12 @@ def test_full_width_two_blocks_matches_twin_at_112px():
     params = convert_dinov2_state_dict(state_dict_numpy(twin), cfg)
     images = random_images(2, 112)
     feats_ref, cond_ref = twin_cond(twin, images)
-    feats, cond = jax.jit(lambda p, x: (
-        dm.DinoVisionTransformer(cfg).apply({"params": p}, dm.normalize_images(x))["x_prenorm"],
-        dm.encode_condition(p, x, cfg)))(params, images)  # one compile; XLA dedupes the shared forward
+    feats, cond = jax.jit(
+        lambda p, x: (
+            dm.DinoVisionTransformer(cfg).apply({"params": p}, dm.normalize_images(x))["x_prenorm"],
+            dm.encode_condition(p, x, cfg),
+        )
+    )(params, images)  # one compile; XLA dedupes the shared forward
     assert feats.shape == cond.shape == (2, 1 + 4 + 64, 1024)
     assert rel_err(feats, feats_ref) <= RTOL
     assert rel_err(cond, cond_ref) <= RTOL
@@ -138,8 +147,9 @@ def test_token_order_is_cls_registers_patches_and_registers_get_no_position():
     np.testing.assert_allclose(tok[0, 5:], patch + params["pos_embed"][0, 1:], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("grid,offset", [((8, 8), 0.0), ((5, 11), 0.0), ((46, 40), 0.0), ((37, 20), 0.0),
-                                         ((8, 8), 0.1), ((50, 9), 0.1)])
+@pytest.mark.parametrize(
+    "grid,offset", [((8, 8), 0.0), ((5, 11), 0.0), ((46, 40), 0.0), ((37, 20), 0.0), ((8, 8), 0.1), ((50, 9), 0.1)]
+)
 def test_pos_embed_interpolation_matches_torch_antialiased_bicubic(grid, offset):
     cfg = dm.DinoV2Config(embed_dim=8, interpolate_offset=offset)
     pos = np.random.RandomState(0).randn(1, 37 * 37 + 1, 8).astype(np.float32)
@@ -188,8 +198,9 @@ def test_converted_layouts():
     sd = state_dict_numpy(random_twin(cfg))
     p = convert_dinov2_state_dict(sd, cfg)
     np.testing.assert_array_equal(p["blocks_0"]["attn"]["qkv"]["kernel"], sd["blocks.0.attn.qkv.weight"].T)
-    np.testing.assert_array_equal(p["patch_embed"]["proj"]["kernel"],
-                                  sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        p["patch_embed"]["proj"]["kernel"], sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0)
+    )
     np.testing.assert_array_equal(p["norm"]["scale"], sd["norm.weight"])
     assert all(a.dtype == np.float32 for a in jax.tree_util.tree_leaves(p))
 

@@ -10,18 +10,15 @@ import dataclasses
 import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import trimesh
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # helpers_trellis
+from dso_jax import generate, lora
 
-from dso_jax import generate, lora  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FAST = ["--random_weights", "tiny", "--steps", "2", "--batch_images", "2"]
 
@@ -109,8 +106,9 @@ def test_coords_are_the_occupancy_of_the_saved_latent(sampled):
 def test_lora_changes_the_samples_and_is_recorded(sampled, peft_file, tmp_path):
     image, base_out = sampled
     out = str(tmp_path / "lora")
-    _script("sample")(["--image", image, "--out", out, "--num_samples", "2", "--lora", peft_file, "--lora_alpha", "8",
-                       *FAST])
+    _script("sample")(
+        ["--image", image, "--out", out, "--num_samples", "2", "--lora", peft_file, "--lora_alpha", "8", *FAST]
+    )
     for k in range(2):
         a = np.load(os.path.join(base_out, f"chair_{k:03d}_ss_latent.npy"))
         b = np.load(os.path.join(out, f"chair_{k:03d}_ss_latent.npy"))
@@ -139,8 +137,10 @@ def test_a_noise_file_reproduces_the_seeded_run(sampled, tmp_path):
     out = str(tmp_path / "from_file")
     _script("sample")(["--image", image, "--out", out, "--num_samples", "2", "--noise_file", noise, *FAST])
     for k in range(2):
-        np.testing.assert_array_equal(np.load(os.path.join(out, f"chair_{k:03d}_ss_latent.npy")),
-                                      np.load(os.path.join(base_out, f"chair_{k:03d}_ss_latent.npy")))
+        np.testing.assert_array_equal(
+            np.load(os.path.join(out, f"chair_{k:03d}_ss_latent.npy")),
+            np.load(os.path.join(base_out, f"chair_{k:03d}_ss_latent.npy")),
+        )
 
 
 def test_models_load_from_trellis_prefixes_and_a_converted_dinov2_folder(tmp_path, monkeypatch):
@@ -154,8 +154,9 @@ def test_models_load_from_trellis_prefixes_and_a_converted_dinov2_folder(tmp_pat
     prefixes = {}
     for name, cls, args in (("flow", trellis.FLOW, flow_args), ("dec", trellis.DECODER, dec_args)):
         config = {"name": cls, "args": dict(args)}
-        prefixes[name] = helpers_trellis.write_checkpoint(str(tmp_path / "ckpts" / name), config,
-                                                          helpers_trellis.random_state_dict(config))
+        prefixes[name] = helpers_trellis.write_checkpoint(
+            str(tmp_path / "ckpts" / name), config, helpers_trellis.random_state_dict(config)
+        )
     cfg = dinov2.get_config(dino_name)
     flat = rules.flatten(generate.load_models(random_weights="tiny").dinov2_params)
     flat = {k: np.asarray(v) for k, v in flat.items()}
@@ -163,8 +164,9 @@ def test_models_load_from_trellis_prefixes_and_a_converted_dinov2_folder(tmp_pat
     folder.mkdir()
     save_file(flat, str(folder / "params.safetensors"))
     (folder / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    (folder / "manifest.json").write_text(json.dumps(
-        {"tensors": [{"name": k, "shape": list(a.shape), "dtype": str(a.dtype)} for k, a in flat.items()]}))
+    (folder / "manifest.json").write_text(
+        json.dumps({"tensors": [{"name": k, "shape": list(a.shape), "dtype": str(a.dtype)} for k, a in flat.items()]})
+    )
 
     models = generate.load_models(prefixes["flow"], prefixes["dec"], str(folder))
     assert models.latent_shape == (8, 16, 16, 16) and models.dinov2_cfg == cfg
@@ -252,8 +254,21 @@ def test_generate_eval_names_meshes_for_the_evaluators_with_and_without_lora(tmp
     ids = tmp_path / "ids.txt"
     ids.write_text("uidB\n")
     out = tmp_path / "out"
-    _script("generate_eval")(["--images", str(images / "*" / "*.png"), "--out", str(out), "--lora", peft_file,
-                              "--lora_alpha", "8", "--ids", str(ids), *FAST])
+    _script("generate_eval")(
+        [
+            "--images",
+            str(images / "*" / "*.png"),
+            "--out",
+            str(out),
+            "--lora",
+            peft_file,
+            "--lora_alpha",
+            "8",
+            "--ids",
+            str(ids),
+            *FAST,
+        ]
+    )
     for tag in ("base", "lora"):
         assert sorted(p.name for p in (out / tag).glob("*.glb")) == ["uidB-000_000.glb"]
     assert _json(out / "base" / "settings.json")["seeds"] == [1]  # DSO: seed = bid + 1

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dso_jax.data.images import (ImageInputError, load_images, object_crop_box, parse_color, preprocess_image,
-                                 preprocess_rgba)
+from dso_jax.data.images import (
+    ImageInputError,
+    load_images,
+    object_crop_box,
+    parse_color,
+    preprocess_image,
+    preprocess_rgba,
+)
 
 
 def trellis_reference(img: Image.Image) -> Image.Image:

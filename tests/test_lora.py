@@ -16,13 +16,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
+from helpers_trellis import RELEASED_FLOW_ARGS, TINY_FLOW_ARGS, random_state_dict, write_checkpoint  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from twins import trellis_twin as tw  # noqa: E402
 
 from dso_jax import lora  # noqa: E402
 from dso_jax.convert import trellis  # noqa: E402
 from dso_jax.models.pretrained import abstract_params, buffers_of, load_pretrained, make_apply_fn, model_from_config  # noqa: E402
-from helpers_trellis import RELEASED_FLOW_ARGS, TINY_FLOW_ARGS, random_state_dict, write_checkpoint  # noqa: E402
-from twins import trellis_twin as tw  # noqa: E402
 
 torch.set_num_threads(2)
 RANK, ALPHA = 4, 8.0
@@ -42,7 +42,9 @@ def peft_twin(state_dict, *, fp16=True, lora_b_seed=None):
     """DSO's set-up: the (fp16-torso) twin with released-dtype weights, wrapped by peft."""
     twin = tw.SparseStructureFlowModel(**{**TINY_FLOW_ARGS, "use_fp16": fp16})
     twin.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
-    model = peft.get_peft_model(twin, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS))
+    model = peft.get_peft_model(
+        twin, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS)
+    )
     if lora_b_seed is not None:  # peft starts B at zero; make the adapter matter
         g = torch.Generator().manual_seed(lora_b_seed)
         with torch.no_grad():
@@ -70,7 +72,9 @@ def world():
     x = rng.standard_normal((2, TINY_FLOW_ARGS["in_channels"], r, r, r)).astype(np.float32)
     t = np.array([731.0, 250.5], np.float32)
     cond = rng.standard_normal((2, 6, TINY_FLOW_ARGS["cond_channels"])).astype(np.float32)
-    return dict(config=config, sd=sd, module=module, params=params, apply=jax.jit(make_apply_fn(module)), inputs=(x, t, cond))
+    return dict(
+        config=config, sd=sd, module=module, params=params, apply=jax.jit(make_apply_fn(module)), inputs=(x, t, cond)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +107,16 @@ def test_import_dso_checkpoint_reproduces_peft_outputs(world, dso_file):
     ref = run_fp32(model, x, t, cond)
     assert_parity(ours, ref)
     base = world["apply"](world["params"], x, t, cond)
-    assert np.max(np.abs(np.asarray(base) - ref)) > 100 * REL * np.max(np.abs(ref)), "the adapter must change the output"
+    assert np.max(np.abs(np.asarray(base) - ref)) > 100 * REL * np.max(np.abs(ref)), (
+        "the adapter must change the output"
+    )
 
 
 def _same_overlay(a, b):
     assert a.scale == b.scale
-    jax.tree_util.tree_map(lambda u, v: np.testing.assert_array_equal(np.asarray(u), np.asarray(v)), a.factors, b.factors)
+    jax.tree_util.tree_map(
+        lambda u, v: np.testing.assert_array_equal(np.asarray(u), np.asarray(v)), a.factors, b.factors
+    )
 
 
 @pytest.mark.parametrize("spelling", ["peft_adapter_only", "no_prefix", "ddp_module", "bf16_factors", "torch_tensors"])
@@ -141,12 +149,16 @@ def test_key_spellings(world, dso_file, spelling, tmp_path):
 def test_export_loads_into_dso_example_unchanged(world, tmp_path):
     overlay = lora.init_overlay(jax.random.PRNGKey(0), world["params"], rank=RANK, alpha=ALPHA)
     fac = jax.tree_util.tree_map_with_path(
-        lambda p, v: 0.2 * jax.random.normal(jax.random.PRNGKey(len(str(p))), v.shape) if p[-1].key == "b" else v, overlay.factors)
+        lambda p, v: 0.2 * jax.random.normal(jax.random.PRNGKey(len(str(p))), v.shape) if p[-1].key == "b" else v,
+        overlay.factors,
+    )
     overlay = overlay.replace(factors=fac)
     path = tmp_path / "ours.safetensors"
     lora.save_peft(path, world["params"], overlay, config=world["module"])
     stored = load_file(str(path))
-    assert stored["base_model.model.blocks.0.self_attn.to_qkv.base_layer.weight"].dtype == torch.float16  # released dtypes
+    assert (
+        stored["base_model.model.blocks.0.self_attn.to_qkv.base_layer.weight"].dtype == torch.float16
+    )  # released dtypes
     assert stored["base_model.model.blocks.0.self_attn.to_qkv.lora_A.default.weight"].dtype == torch.float32
 
     # DSO's example.py: get_peft_model(pretrained, LoraConfig(...)).load_state_dict(load_file(ckpt)), strict
@@ -181,7 +193,9 @@ def test_init_is_peft_default_and_identity(world):
     params = world["params"]
     overlay = lora.init_overlay(jax.random.PRNGKey(0), params, rank=RANK, alpha=ALPHA)
     model = peft_twin(world["sd"])
-    peft_names = {n.replace("base_model.model.", "").rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if "lora_A" in n}
+    peft_names = {
+        n.replace("base_model.model.", "").rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if "lora_A" in n
+    }
     assert {lora.torch_name(p) for p in lora.target_paths(params)} == peft_names  # same modules as peft's targets
     assert lora.count(overlay) == sum(p.numel() for p in model.parameters() if p.requires_grad)
     for path in lora.target_paths(params):
@@ -239,10 +253,19 @@ def test_clear_errors(world, dso_file):
     qkv_b = "base_model.model.blocks.0.self_attn.to_qkv.lora_B.default.weight"
     cases = {
         "rank 4, expected 8": ({**good}, dict(rank=8)),
-        "mixes LoRA ranks": ({**good, qkv_a: torch.zeros(2, good[qkv_a].shape[1]), qkv_b: torch.zeros(good[qkv_b].shape[0], 2)}, {}),
+        "mixes LoRA ranks": (
+            {**good, qkv_a: torch.zeros(2, good[qkv_a].shape[1]), qkv_b: torch.zeros(good[qkv_b].shape[0], 2)},
+            {},
+        ),
         "shape mismatch at blocks.0.self_attn.to_qkv": ({**good, qkv_a: torch.zeros(RANK, 7)}, {}),
-        "not targets": ({**good, "base_model.model.blocks.0.mlp.mlp.0.lora_A.default.weight": torch.zeros(RANK, 64),
-                          "base_model.model.blocks.0.mlp.mlp.0.lora_B.default.weight": torch.zeros(256, RANK)}, {}),
+        "not targets": (
+            {
+                **good,
+                "base_model.model.blocks.0.mlp.mlp.0.lora_A.default.weight": torch.zeros(RANK, 64),
+                "base_model.model.blocks.0.mlp.mlp.0.lora_B.default.weight": torch.zeros(256, RANK),
+            },
+            {},
+        ),
         "lacks LoRA factors": ({k: v for k, v in good.items() if "blocks.1.cross_attn.to_q." not in k}, {}),
         "only lora_A": ({k: v for k, v in good.items() if k != qkv_b}, dict(targets=None)),
         "holds no LoRA weights": ({"base_model.model.pos_emb": torch.zeros(1)}, {}),
@@ -253,7 +276,9 @@ def test_clear_errors(world, dso_file):
             lora.load_peft(state, params, alpha=ALPHA, **kw)
     # a partial adapter is fine when asked for
     partial = {k: v for k, v in good.items() if "blocks.1.cross_attn.to_q." not in k}
-    assert len(lora.target_paths(params)) - 1 == len(lora._leaf_paths(lora.load_peft(partial, params, alpha=ALPHA, targets=None).factors))
+    assert len(lora.target_paths(params)) - 1 == len(
+        lora._leaf_paths(lora.load_peft(partial, params, alpha=ALPHA, targets=None).factors)
+    )
 
 
 def test_missing_or_corrupt_file_names_it(world, tmp_path):

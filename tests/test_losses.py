@@ -14,11 +14,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
-
 from dso_jax import lora, losses
 from dso_jax.models import SparseStructureFlowModel
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
 
 B, S, CC, R = 3, 8, 32, 4
 BETA = 500.0
@@ -85,10 +85,19 @@ def with_random_b(overlay, key, std=0.05):
 @pytest.fixture(scope="module")
 def setup():
     model = SparseStructureFlowModel(
-        resolution=R, in_channels=8, model_channels=64, cond_channels=CC, out_channels=8,
-        num_blocks=2, num_heads=4, patch_size=1, qk_rms_norm=True,
+        resolution=R,
+        in_channels=8,
+        model_channels=64,
+        cond_channels=CC,
+        out_channels=8,
+        num_blocks=2,
+        num_heads=4,
+        patch_size=1,
+        qk_rms_norm=True,
     )
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, R, R, R)), jnp.zeros((1,)), jnp.zeros((1, S, CC)))
+    shapes = jax.eval_shape(
+        model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, R, R, R)), jnp.zeros((1,)), jnp.zeros((1, S, CC))
+    )
     params = random_params(shapes["params"], seed=0)
     overlay = with_random_b(lora.init_overlay(jax.random.PRNGKey(1), params, rank=4, alpha=8.0), jax.random.PRNGKey(2))
     ks = jax.random.split(jax.random.PRNGKey(3), 3)
@@ -119,7 +128,9 @@ def toy(setup):
     rs = np.random.RandomState(1)
     dense = lambda i, o: {"kernel": jnp.asarray(rs.randn(i, o) / math.sqrt(i), jnp.float32), "bias": jnp.zeros((o,))}
     params = {"blocks_0": {"self_attn": {"to_qkv": dense(8, 8)}, "cross_attn": {"to_kv": dense(CC, 8)}}}
-    overlay = with_random_b(lora.init_overlay(jax.random.PRNGKey(1), params, rank=2, alpha=4.0), jax.random.PRNGKey(2), 0.3)
+    overlay = with_random_b(
+        lora.init_overlay(jax.random.PRNGKey(1), params, rank=2, alpha=4.0), jax.random.PRNGKey(2), 0.3
+    )
     return jax.jit(toy_apply), params, overlay, batch, cfg
 
 
@@ -127,7 +138,9 @@ def bridge(apply_fn, params):
     """A torch callable whose outputs are the Flax model's at ``params``."""
 
     def f(x, t, c):
-        out = apply_fn(params, jnp.asarray(x.detach().numpy()), jnp.asarray(t.detach().numpy()), jnp.asarray(c.detach().numpy()))
+        out = apply_fn(
+            params, jnp.asarray(x.detach().numpy()), jnp.asarray(t.detach().numpy()), jnp.asarray(c.detach().numpy())
+        )
         return torch.from_numpy(np.array(out))
 
     return f
@@ -305,7 +318,9 @@ def test_overlay_gradients_match_peft_twin(name):
 
     args = {**TINY_FLOW_ARGS, "use_fp16": False}
     apply_fn, params, twin = flow_pair(args, seed=0)
-    model = peft.get_peft_model(twin, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["to_q", "to_kv", "to_out", "to_qkv"]))
+    model = peft.get_peft_model(
+        twin, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["to_q", "to_kv", "to_out", "to_qkv"])
+    )
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -315,11 +330,16 @@ def test_overlay_gradients_match_peft_twin(name):
 
     r, c = args["resolution"], args["in_channels"]
     rs = np.random.RandomState(0)
-    batch = {"cond": jnp.asarray(rs.randn(2, 6, args["cond_channels"]), jnp.float32),
-             "x0_win": jnp.asarray(rs.randn(2, c, r, r, r), jnp.float32), "x0_lose": jnp.asarray(rs.randn(2, c, r, r, r), jnp.float32)}
+    batch = {
+        "cond": jnp.asarray(rs.randn(2, 6, args["cond_channels"]), jnp.float32),
+        "x0_win": jnp.asarray(rs.randn(2, c, r, r, r), jnp.float32),
+        "x0_lose": jnp.asarray(rs.randn(2, c, r, r, r), jnp.float32),
+    }
     cfg = ml_collections.ConfigDict({"flow": {"t_mu": 1.0, "t_sigma": 1.0}, "dpo": {"beta": BETA}})
     rng = jax.random.PRNGKey(3)
-    loss, grads = jax.jit(jax.value_and_grad(lambda o: losses.LOSSES[name](apply_fn, params, o, batch, rng, cfg)[0]))(overlay)
+    loss, grads = jax.jit(jax.value_and_grad(lambda o: losses.LOSSES[name](apply_fn, params, o, batch, rng, cfg)[0]))(
+        overlay
+    )
 
     t, eps = losses.draw_noise(rng, batch, cfg)
     inputs = (tt(batch["x0_win"]), tt(batch["x0_lose"]), tt(t), tt(batch["cond"]), tt(eps))
@@ -335,8 +355,11 @@ def test_overlay_gradients_match_peft_twin(name):
     for pname, p in model.named_parameters():
         if "lora_B" not in pname:
             continue
-        path = lora.target_paths(params)[[lora.torch_name(q) for q in lora.target_paths(params)].index(
-            pname.replace("base_model.model.", "").rsplit(".lora_B", 1)[0])]
+        path = lora.target_paths(params)[
+            [lora.torch_name(q) for q in lora.target_paths(params)].index(
+                pname.replace("base_model.model.", "").rsplit(".lora_B", 1)[0]
+            )
+        ]
         ours = np.asarray(lora._get(grads.factors, path)["b"]).T
         ref = p.grad.numpy()
         worst = max(worst, np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))

@@ -32,7 +32,15 @@ def test_shortened_main_job_writes_the_summary(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
     with open(tmp_path / "summary.json") as f:
         summary = json.load(f)
-    keys = {"stable_rate_before", "stable_rate_after", "mean_angle_before", "mean_angle_after", "iou_before", "iou_after", "seconds"}
+    keys = {
+        "stable_rate_before",
+        "stable_rate_after",
+        "mean_angle_before",
+        "mean_angle_after",
+        "iou_before",
+        "iou_after",
+        "seconds",
+    }
     assert keys <= set(summary)
     assert 0.0 <= summary["stable_rate_after"] <= 1.0 and 0.0 <= summary["iou_after"] <= 1.0
     curve = summary["heldout_curve"]

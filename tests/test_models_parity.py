@@ -8,15 +8,22 @@ widths (1024 channels, 16 heads, cond 1024) on an 8^3 token grid; the released 1
 """
 
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ helpers and twins, whether or not tests/ is a package
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers_trellis import (
+    RELEASED_DECODER_ARGS,
+    RELEASED_FLOW_ARGS,
+    TINY_DECODER_ARGS,
+    TINY_FLOW_ARGS,
+    flow_pair,
+    random_state_dict,
+    reference_pos_emb,
+)
+from twins import trellis_twin as tw
 
 from dso_jax.convert import trellis
 from dso_jax.models import attention as fattn
@@ -24,9 +31,6 @@ from dso_jax.models import layers as flayers
 from dso_jax.models import ss_decoder as fdec
 from dso_jax.models import ss_flow as fflow
 from dso_jax.models.pretrained import buffers_of, make_apply_fn, model_from_config
-from helpers_trellis import (RELEASED_DECODER_ARGS, RELEASED_FLOW_ARGS, TINY_DECODER_ARGS, TINY_FLOW_ARGS,
-                             flow_pair, random_state_dict, reference_pos_emb)
-from twins import trellis_twin as tw
 
 torch.set_num_threads(2)
 REL = 1e-5
@@ -84,9 +88,18 @@ def test_multihead_rms_norm():
 @pytest.mark.parametrize("qk_rms_norm,qkv_bias", [(False, True), (True, True), (True, False)])
 def test_attention(kind, qk_rms_norm, qkv_bias):
     c, heads, cc = 64, 4, 24
-    twin = tw.randomize_(tw.MultiHeadAttention(c, heads, cc if kind == "cross" else None, kind, qkv_bias, qk_rms_norm), seed=3)
-    flax_mod = fattn.MultiHeadAttention(c, heads, ctx_channels=cc if kind == "cross" else None, type=kind,
-                                        qkv_bias=qkv_bias, qk_rms_norm=qk_rms_norm, attn_impl="xla")
+    twin = tw.randomize_(
+        tw.MultiHeadAttention(c, heads, cc if kind == "cross" else None, kind, qkv_bias, qk_rms_norm), seed=3
+    )
+    flax_mod = fattn.MultiHeadAttention(
+        c,
+        heads,
+        ctx_channels=cc if kind == "cross" else None,
+        type=kind,
+        qkv_bias=qkv_bias,
+        qk_rms_norm=qk_rms_norm,
+        attn_impl="xla",
+    )
     x = rand(2, 7, c, seed=4)
     params = tw.flax_params_of(twin)
     if kind == "self":
@@ -96,16 +109,27 @@ def test_attention(kind, qk_rms_norm, qkv_bias):
         assert_parity(flax_run(flax_mod, params, x, ctx), torch_run(twin, x, ctx))
 
 
-@pytest.mark.parametrize("share_mod,qk_rms_norm,qk_rms_norm_cross,mlp_ratio", [
-    (False, True, False, 4.0),  # the released block
-    (True, False, True, 2.5),
-])
+@pytest.mark.parametrize(
+    "share_mod,qk_rms_norm,qk_rms_norm_cross,mlp_ratio",
+    [
+        (False, True, False, 4.0),  # the released block
+        (True, False, True, 2.5),
+    ],
+)
 def test_modulated_cross_block(share_mod, qk_rms_norm, qk_rms_norm_cross, mlp_ratio):
     c, cc, heads = 64, 32, 4
     twin = tw.ModulatedTransformerCrossBlock(c, cc, heads, mlp_ratio, qk_rms_norm, qk_rms_norm_cross, share_mod)
     tw.randomize_(twin, seed=6)
-    flax_mod = fflow.ModulatedTransformerCrossBlock(c, cc, heads, mlp_ratio=mlp_ratio, qk_rms_norm=qk_rms_norm,
-                                                    qk_rms_norm_cross=qk_rms_norm_cross, share_mod=share_mod, attn_impl="xla")
+    flax_mod = fflow.ModulatedTransformerCrossBlock(
+        c,
+        cc,
+        heads,
+        mlp_ratio=mlp_ratio,
+        qk_rms_norm=qk_rms_norm,
+        qk_rms_norm_cross=qk_rms_norm_cross,
+        share_mod=share_mod,
+        attn_impl="xla",
+    )
     x, mod, ctx = rand(2, 9, c, seed=7), rand(2, 6 * c if share_mod else c, seed=8), rand(2, 5, cc, seed=9)
     assert_parity(flax_run(flax_mod, tw.flax_params_of(twin), x, mod, ctx), torch_run(twin, x, mod, ctx))
 
@@ -157,11 +181,14 @@ def check_flow(args, batch=2, cond_len=6):
     assert_parity(np.asarray(jax.jit(apply_fn)(params, x, t, cond)), torch_run(twin, x, t, cond))
 
 
-@pytest.mark.parametrize("overrides", [
-    {},  # tiny released architecture, patch 2
-    {"patch_size": 1, "share_mod": True, "qk_rms_norm": False, "qk_rms_norm_cross": True, "mlp_ratio": 3},
-    {"num_heads": None, "num_head_channels": 32, "num_blocks": 1},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # tiny released architecture, patch 2
+        {"patch_size": 1, "share_mod": True, "qk_rms_norm": False, "qk_rms_norm_cross": True, "mlp_ratio": 3},
+        {"num_heads": None, "num_head_channels": 32, "num_blocks": 1},
+    ],
+)
 def test_flow_model_tiny(overrides):
     check_flow({**TINY_FLOW_ARGS, **overrides})
 
@@ -184,11 +211,14 @@ def decoder_pair(args, seed=0):
     return make_apply_fn(module), trellis.convert_ss_decoder(sd, config), twin
 
 
-@pytest.mark.parametrize("overrides,latent_res,batch", [
-    ({}, 4, 2),
-    ({"channels": [32, 32], "norm_type": "group", "num_res_blocks": 2, "num_res_blocks_middle": 0}, 3, 2),
-    (dict(RELEASED_DECODER_ARGS), 4, 1),  # the released decoder, exactly (74 tensors), on a 4^3 latent
-])
+@pytest.mark.parametrize(
+    "overrides,latent_res,batch",
+    [
+        ({}, 4, 2),
+        ({"channels": [32, 32], "norm_type": "group", "num_res_blocks": 2, "num_res_blocks_middle": 0}, 3, 2),
+        (dict(RELEASED_DECODER_ARGS), 4, 1),  # the released decoder, exactly (74 tensors), on a 4^3 latent
+    ],
+)
 def test_decoder(overrides, latent_res, batch):
     args = {**TINY_DECODER_ARGS, **overrides}
     apply_fn, params, twin = decoder_pair(args)

@@ -21,8 +21,17 @@ def _tiny_setup(loss="dro"):
     cfg.online = ml_collections.ConfigDict(dict(num_candidates=4, updates_per_sample=2))
     phys = default_sim_config()
     phys.horizon_s = 0.1
-    model = SparseStructureFlowModel(resolution=16, in_channels=8, out_channels=8, model_channels=32, cond_channels=16,
-                                     num_blocks=1, num_heads=2, patch_size=4, qk_rms_norm=True)
+    model = SparseStructureFlowModel(
+        resolution=16,
+        in_channels=8,
+        out_channels=8,
+        model_channels=32,
+        cond_channels=16,
+        num_blocks=1,
+        num_heads=2,
+        patch_size=4,
+        qk_rms_norm=True,
+    )
     cond = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 16))
     base = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 16, 16, 16)), jnp.zeros((1,)), cond[:1])["params"]
     apply_fn = lambda p, x, t, c: model.apply({"params": p}, x, t, c)
@@ -55,10 +64,22 @@ def test_one_compiled_step_samples_simulates_and_updates_only_the_overlay():
     overlay = lora.init_overlay(jax.random.PRNGKey(2), base, rank=2, alpha=4.0)
     # Make B non-zero so the overlay's gradient reaches both factors.
     overlay = overlay.replace(factors=jax.tree.map(lambda x: x + 0.01, overlay.factors))
-    state = TrainState(step=jnp.zeros((), jnp.int32), overlay=overlay, opt_state=tx.init(overlay),
-                       rng=jax.random.key_data(jax.random.PRNGKey(3)))
-    step = online.make_online_step(apply_fn, decode_fn, stability_fn, tx, cfg, latent_shape=(8, 16, 16, 16),
-                                   dtype=jnp.float32, schedule=lambda s: 1e-2)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        overlay=overlay,
+        opt_state=tx.init(overlay),
+        rng=jax.random.key_data(jax.random.PRNGKey(3)),
+    )
+    step = online.make_online_step(
+        apply_fn,
+        decode_fn,
+        stability_fn,
+        tx,
+        cfg,
+        latent_shape=(8, 16, 16, 16),
+        dtype=jnp.float32,
+        schedule=lambda s: 1e-2,
+    )
     base_before = jax.tree.map(np.asarray, base)
     compiled = jax.jit(step).lower(state, {"cond": cond}, base, {}).compile()
     new_state, metrics = compiled(state, {"cond": cond}, base, {})

@@ -1,17 +1,12 @@
 """Pinned sizes of the released stage-1 architectures (``trellis.md`` §2.9, §3.3), from shapes only."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ helpers and twins, whether or not tests/ is a package
-
 import jax
 import numpy as np
 import pytest
+from helpers_trellis import RELEASED_DECODER_ARGS, RELEASED_FLOW_ARGS, TINY_DECODER_ARGS, TINY_FLOW_ARGS
 
 from dso_jax.convert import rules, trellis
 from dso_jax.models.pretrained import abstract_params, model_from_config
-from helpers_trellis import RELEASED_DECODER_ARGS, RELEASED_FLOW_ARGS, TINY_DECODER_ARGS, TINY_FLOW_ARGS
 
 RELEASED = {
     # name: (json args, parameters, state-dict entries, bytes at the released dtypes)
@@ -31,7 +26,10 @@ def test_released_param_count_via_eval_shape(ckpt):
 def test_released_key_table_sizes(ckpt):
     name, args, n_params, n_entries, n_bytes = RELEASED[ckpt]
     assert trellis.describe(trellis.key_table({"name": name, "args": args})) == {
-        "entries": n_entries, "params": n_params, "bytes": n_bytes}
+        "entries": n_entries,
+        "params": n_params,
+        "bytes": n_bytes,
+    }
 
 
 def test_released_flow_table_entries():
@@ -66,13 +64,19 @@ def test_released_decoder_table_entries():
     assert {k: (table[k].shape, table[k].released) for k in want} == want
 
 
-@pytest.mark.parametrize("name,args", [
-    (trellis.FLOW, RELEASED_FLOW_ARGS),
-    (trellis.FLOW, {**TINY_FLOW_ARGS, "share_mod": True, "qk_rms_norm_cross": True, "pe_mode": "rope"}),
-    (trellis.FLOW, {**TINY_FLOW_ARGS, "num_heads": None, "num_head_channels": 16, "mlp_ratio": 2.5}),
-    (trellis.DECODER, RELEASED_DECODER_ARGS),
-    (trellis.DECODER, {**TINY_DECODER_ARGS, "channels": [32, 32], "norm_type": "group", "num_res_blocks_middle": 0}),
-])
+@pytest.mark.parametrize(
+    "name,args",
+    [
+        (trellis.FLOW, RELEASED_FLOW_ARGS),
+        (trellis.FLOW, {**TINY_FLOW_ARGS, "share_mod": True, "qk_rms_norm_cross": True, "pe_mode": "rope"}),
+        (trellis.FLOW, {**TINY_FLOW_ARGS, "num_heads": None, "num_head_channels": 16, "mlp_ratio": 2.5}),
+        (trellis.DECODER, RELEASED_DECODER_ARGS),
+        (
+            trellis.DECODER,
+            {**TINY_DECODER_ARGS, "channels": [32, 32], "norm_type": "group", "num_res_blocks_middle": 0},
+        ),
+    ],
+)
 def test_key_table_matches_the_flax_module(name, args):
     # The key table (written from the reference) and the Flax module (the port) agree leaf for leaf.
     shapes = {k: tuple(v.shape) for k, v in rules.flatten(abstract_params(model_from_config(name, args))).items()}

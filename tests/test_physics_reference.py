@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+import test_physics_shapes as shapes
 
 from dso_jax.physics import body, mesh_io, reference, rollout
-import test_physics_shapes as shapes
 
 CASES = {  # name -> (mesh, stable under DSO's protocol)
     "cube": (shapes.box_mesh((0.5, 0.5, 0.5)), True),
@@ -19,40 +19,40 @@ CASES = {  # name -> (mesh, stable under DSO's protocol)
 
 
 def _prepared(mesh):
-  return mesh_io.prepare_mesh(mesh.vertices, mesh.faces, up_dir="z", rescale=True)
+    return mesh_io.prepare_mesh(mesh.vertices, mesh.faces, up_dir="z", rescale=True)
 
 
 @pytest.fixture(scope="module")
 def reference_angles():
-  meshes = [_prepared(m) for m, _ in CASES.values()]
-  return [r["angle"] for r in reference.simulate_many([(m.vertices, m.faces) for m in meshes], workers=1)]
+    meshes = [_prepared(m) for m, _ in CASES.values()]
+    return [r["angle"] for r in reference.simulate_many([(m.vertices, m.faces) for m in meshes], workers=1)]
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_reference_verdicts_are_physical(reference_angles, name):
-  i = list(CASES).index(name)
-  assert (reference_angles[i] < 20.0) == CASES[name][1], reference_angles[i]
+    i = list(CASES).index(name)
+    assert (reference_angles[i] < 20.0) == CASES[name][1], reference_angles[i]
 
 
 def test_mjx_mesh_path_agrees_with_reference(reference_angles):
-  cfg = rollout.mesh_sim_config()
-  bodies = [body.mesh_body(_prepared(m).vertices, _prepared(m).faces, cfg) for m, _ in CASES.values()]
-  out = rollout.simulate_mesh_bodies(cfg, bodies, batch_size=shapes.MESH_BATCH, simulate=shapes.mesh_simulator())
-  ref = np.asarray(reference_angles)
-  np.testing.assert_array_equal(out["stable"], ref < 20.0)
-  still = ref < 5.0
-  np.testing.assert_allclose(out["angle"][still], ref[still], atol=1.5)  # resting objects: same angle
+    cfg = rollout.mesh_sim_config()
+    bodies = [body.mesh_body(_prepared(m).vertices, _prepared(m).faces, cfg) for m, _ in CASES.values()]
+    out = rollout.simulate_mesh_bodies(cfg, bodies, batch_size=shapes.MESH_BATCH, simulate=shapes.mesh_simulator())
+    ref = np.asarray(reference_angles)
+    np.testing.assert_array_equal(out["stable"], ref < 20.0)
+    still = ref < 5.0
+    np.testing.assert_allclose(out["angle"][still], ref[still], atol=1.5)  # resting objects: same angle
 
 
 def test_reference_mass_matches_mesh_body():
-  m = _prepared(shapes.l_mesh(True))
-  res = reference.run_protocol(m.vertices, m.faces, duration=0.01)
-  b = body.mesh_body(m.vertices, m.faces, rollout.mesh_sim_config())
-  assert res["mass"] == pytest.approx(float(b["mass"]), rel=1e-9)
-  np.testing.assert_allclose(res["com"], b["com"], atol=1e-9)
+    m = _prepared(shapes.l_mesh(True))
+    res = reference.run_protocol(m.vertices, m.faces, duration=0.01)
+    b = body.mesh_body(m.vertices, m.faces, rollout.mesh_sim_config())
+    assert res["mass"] == pytest.approx(float(b["mass"]), rel=1e-9)
+    np.testing.assert_allclose(res["com"], b["com"], atol=1e-9)
 
 
 def test_simulate_glb_reads_files(tmp_path):
-  path = tmp_path / "cube.glb"
-  shapes.box_mesh((0.5, 0.5, 0.5)).export(path)
-  assert reference.simulate_glb(str(path), up_dir="y", rescale=True) < 1.0
+    path = tmp_path / "cube.glb"
+    shapes.box_mesh((0.5, 0.5, 0.5)).export(path)
+    assert reference.simulate_glb(str(path), up_dir="y", rescale=True) < 1.0

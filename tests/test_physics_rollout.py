@@ -4,17 +4,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_physics_shapes as shapes
 
 from dso_jax.physics import body, mesh_io, rollout
-import test_physics_shapes as shapes
 
 D = 32
 
 
 def _cfg():
-  cfg = rollout.default_sim_config()
-  cfg.horizon_s = 1.5  # every test object has settled or toppled well within this
-  return cfg
+    cfg = rollout.default_sim_config()
+    cfg.horizon_s = 1.5  # every test object has settled or toppled well within this
+    return cfg
 
 
 SHAPES = {
@@ -22,105 +22,113 @@ SHAPES = {
     "tall_thin_box": (shapes.box_occ((-0.05, -0.05, -0.5), (0.05, 0.05, 0.5), D), True),
     "tall_box_past_tipping": (shapes.rotated_box_occ((0.2, 0.2, 0.8), 25.0, D), False),  # tips at 14 deg
     "tall_box_before_tipping": (shapes.rotated_box_occ((0.3, 0.3, 0.8), 12.0, D), True),  # rocks back: 12 deg
-    "overhanging_l": (shapes.box_occ((-0.45, -0.1, -0.5), (-0.3, 0.1, 0.5), D)
-                      | shapes.box_occ((-0.45, -0.1, 0.3), (0.45, 0.1, 0.5), D), False),
-    "short_l": (shapes.box_occ((-0.45, -0.2, -0.5), (-0.1, 0.2, 0.5), D)
-                | shapes.box_occ((-0.45, -0.2, 0.3), (0.0, 0.2, 0.5), D), True),
+    "overhanging_l": (
+        shapes.box_occ((-0.45, -0.1, -0.5), (-0.3, 0.1, 0.5), D)
+        | shapes.box_occ((-0.45, -0.1, 0.3), (0.45, 0.1, 0.5), D),
+        False,
+    ),
+    "short_l": (
+        shapes.box_occ((-0.45, -0.2, -0.5), (-0.1, 0.2, 0.5), D)
+        | shapes.box_occ((-0.45, -0.2, 0.3), (0.0, 0.2, 0.5), D),
+        True,
+    ),
 }
 
 
 def _voxelised(mesh):
-  """A mesh prepared like DSO's eval (rescaled, min z = 0), voxelised as a surface shell in the grid frame."""
-  m = mesh_io.prepare_mesh(mesh.vertices, mesh.faces, up_dir="z")
-  return body.voxelize_mesh(body.mesh_to_grid_frame(m.vertices), m.faces, D)
+    """A mesh prepared like DSO's eval (rescaled, min z = 0), voxelised as a surface shell in the grid frame."""
+    m = mesh_io.prepare_mesh(mesh.vertices, mesh.faces, up_dir="z")
+    return body.voxelize_mesh(body.mesh_to_grid_frame(m.vertices), m.faces, D)
 
 
 # Voxelised meshes whose verdicts the reference test checks on the mesh itself: both paths must agree.
-SHAPES.update({
-    "mesh_overhanging_l": (_voxelised(shapes.l_mesh(True)), False),
-    "mesh_short_l": (_voxelised(shapes.l_mesh(False)), True),
-    "mesh_box_past_tipping": (_voxelised(shapes.box_mesh((0.2, 0.2, 0.8), tilt_deg=25)), False),
-    "mesh_wedge": (_voxelised(shapes.wedge_mesh()), True),
-    "empty": (np.zeros((D, D, D), bool), False),
-})
+SHAPES.update(
+    {
+        "mesh_overhanging_l": (_voxelised(shapes.l_mesh(True)), False),
+        "mesh_short_l": (_voxelised(shapes.l_mesh(False)), True),
+        "mesh_box_past_tipping": (_voxelised(shapes.box_mesh((0.2, 0.2, 0.8), tilt_deg=25)), False),
+        "mesh_wedge": (_voxelised(shapes.wedge_mesh()), True),
+        "empty": (np.zeros((D, D, D), bool), False),
+    }
+)
 
 
 @pytest.fixture(scope="module")
 def both():
-  """One compile for every test here: the verdict function vmapped over an extra axis inside an outer jit
-  (as the training step would use it), on the shapes and on the shapes in reverse order."""
-  fn = rollout.make_stability_fn(_cfg())
+    """One compile for every test here: the verdict function vmapped over an extra axis inside an outer jit
+    (as the training step would use it), on the shapes and on the shapes in reverse order."""
+    fn = rollout.make_stability_fn(_cfg())
 
-  @jax.jit
-  def outer(x):
-    out = jax.vmap(fn)(x)  # (2, B)
-    return jnp.where(out["stable"], 1.0, -1.0), out
+    @jax.jit
+    def outer(x):
+        out = jax.vmap(fn)(x)  # (2, B)
+        return jnp.where(out["stable"], 1.0, -1.0), out
 
-  occ = jnp.asarray(np.stack([s for s, _ in SHAPES.values()]))
-  reward, out = outer(jnp.stack([occ, occ[::-1]]))
-  return jax.device_get(reward), jax.device_get(out)
+    occ = jnp.asarray(np.stack([s for s, _ in SHAPES.values()]))
+    reward, out = outer(jnp.stack([occ, occ[::-1]]))
+    return jax.device_get(reward), jax.device_get(out)
 
 
 @pytest.fixture(scope="module")
 def verdicts(both):
-  return {k: v[0] for k, v in both[1].items()}
+    return {k: v[0] for k, v in both[1].items()}
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_physically_right_verdict(verdicts, name):
-  i = list(SHAPES).index(name)
-  assert bool(verdicts["stable"][i]) == SHAPES[name][1], {k: v[i] for k, v in verdicts.items()}
+    i = list(SHAPES).index(name)
+    assert bool(verdicts["stable"][i]) == SHAPES[name][1], {k: v[i] for k, v in verdicts.items()}
 
 
 def test_outputs_are_finite_with_the_documented_keys(verdicts):
-  assert set(verdicts) >= {"angle", "tilt", "stable", "margin", "valid"}
-  for k, v in verdicts.items():
-    assert v.shape == (len(SHAPES),), k
-    assert np.all(np.isfinite(np.asarray(v, float))), k
+    assert set(verdicts) >= {"angle", "tilt", "stable", "margin", "valid"}
+    for k, v in verdicts.items():
+        assert v.shape == (len(SHAPES),), k
+        assert np.all(np.isfinite(np.asarray(v, float))), k
 
 
 def test_empty_grid_is_invalid_and_unstable(verdicts):
-  i = list(SHAPES).index("empty")
-  assert not verdicts["valid"][i] and not verdicts["stable"][i]
-  assert verdicts["valid"][:i].all()
+    i = list(SHAPES).index("empty")
+    assert not verdicts["valid"][i] and not verdicts["stable"][i]
+    assert verdicts["valid"][:i].all()
 
 
 def test_stable_objects_barely_move(verdicts):
-  for name in ("cube", "tall_thin_box"):
-    i = list(SHAPES).index(name)
-    assert verdicts["angle"][i] < 1.0 and verdicts["margin"][i] > 0
+    for name in ("cube", "tall_thin_box"):
+        i = list(SHAPES).index(name)
+        assert verdicts["angle"][i] < 1.0 and verdicts["margin"][i] > 0
 
 
 def test_pure_inside_another_jit_and_under_vmap(both):
-  reward, out = both
-  np.testing.assert_array_equal(reward[0], np.where(out["stable"][0], 1.0, -1.0))
-  np.testing.assert_array_equal(out["stable"][0], out["stable"][1][::-1])  # order does not matter
-  np.testing.assert_allclose(out["angle"][0], out["angle"][1][::-1], atol=1e-3)
+    reward, out = both
+    np.testing.assert_array_equal(reward[0], np.where(out["stable"][0], 1.0, -1.0))
+    np.testing.assert_array_equal(out["stable"][0], out["stable"][1][::-1])  # order does not matter
+    np.testing.assert_allclose(out["angle"][0], out["angle"][1][::-1], atol=1e-3)
 
 
 def test_bad_shapes_raise():
-  fn = rollout.make_stability_fn(_cfg())
-  with pytest.raises(ValueError):
-    fn(jnp.zeros((2, 8, 8, 4)))
+    fn = rollout.make_stability_fn(_cfg())
+    with pytest.raises(ValueError):
+        fn(jnp.zeros((2, 8, 8, 4)))
 
 
 def test_warp_backend_matches_jax_where_installed():
-  pytest.importorskip("warp")  # optional backend: warp-lang (NVIDIA GPU; its CPU mode is slow but correct)
-  cfg = _cfg()
-  cfg.horizon_s = 0.3
-  occ = jnp.asarray(np.stack([SHAPES["cube"][0][::2, ::2, ::2], SHAPES["tall_box_past_tipping"][0][::2, ::2, ::2]]))
-  out_jax = jax.device_get(jax.jit(rollout.make_stability_fn(cfg))(occ))
-  cfg.impl = "warp"
-  out_warp = jax.device_get(jax.jit(rollout.make_stability_fn(cfg))(occ))
-  np.testing.assert_allclose(out_warp["angle"], out_jax["angle"], atol=0.05)
+    pytest.importorskip("warp")  # optional backend: warp-lang (NVIDIA GPU; its CPU mode is slow but correct)
+    cfg = _cfg()
+    cfg.horizon_s = 0.3
+    occ = jnp.asarray(np.stack([SHAPES["cube"][0][::2, ::2, ::2], SHAPES["tall_box_past_tipping"][0][::2, ::2, ::2]]))
+    out_jax = jax.device_get(jax.jit(rollout.make_stability_fn(cfg))(occ))
+    cfg.impl = "warp"
+    out_warp = jax.device_get(jax.jit(rollout.make_stability_fn(cfg))(occ))
+    np.testing.assert_allclose(out_warp["angle"], out_jax["angle"], atol=0.05)
 
 
 def test_command_line_overrides_keep_types_and_name_bad_keys():
-  base = rollout.default_sim_config()
-  cfg = rollout.with_overrides(base, ["horizon_s=0.5", "num_points=32", "impl=warp", "fill_interior=false"])
-  assert (cfg.horizon_s, cfg.num_points, cfg.impl, cfg.fill_interior) == (0.5, 32, "warp", False)
-  assert isinstance(cfg.num_points, int) and base.num_points == 24  # a copy: the defaults stay
-  with pytest.raises(ValueError, match=r"^--sim 'num_spheres=8': expected KEY=VALUE with KEY in \['base_tol'"):
-    rollout.with_overrides(base, ["num_spheres=8"], flag="--sim")
-  with pytest.raises(ValueError, match="expected KEY=VALUE"):
-    rollout.with_overrides(base, ["horizon_s"])
+    base = rollout.default_sim_config()
+    cfg = rollout.with_overrides(base, ["horizon_s=0.5", "num_points=32", "impl=warp", "fill_interior=false"])
+    assert (cfg.horizon_s, cfg.num_points, cfg.impl, cfg.fill_interior) == (0.5, 32, "warp", False)
+    assert isinstance(cfg.num_points, int) and base.num_points == 24  # a copy: the defaults stay
+    with pytest.raises(ValueError, match=r"^--sim 'num_spheres=8': expected KEY=VALUE with KEY in \['base_tol'"):
+        rollout.with_overrides(base, ["num_spheres=8"], flag="--sim")
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        rollout.with_overrides(base, ["horizon_s"])

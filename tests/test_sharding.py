@@ -83,7 +83,7 @@ def results():
     out = subprocess.run([sys.executable, "-c", SCRIPT, REPO], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 @pytest.mark.parametrize("mesh", ["8x1", "4x2"])
@@ -101,7 +101,6 @@ def test_sharded_step_matches_one_device(results, mesh):
 
 
 def test_mesh_shapes():
-    sys.path.insert(0, REPO)
     import jax
     import ml_collections
 

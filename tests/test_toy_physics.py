@@ -18,7 +18,7 @@ def _final_angle_deg(occ, seconds=10.0):
     c = (idx + 0.5) * h - 0.5
     com = c.mean(0)
     d = c - com
-    inertia = (np.sum(d * d) * np.eye(3) - d.T @ d + len(idx) * h * h / 6 * np.eye(3)) * 1000 * h ** 3
+    inertia = (np.sum(d * d) * np.eye(3) - d.T @ d + len(idx) * h * h / 6 * np.eye(3)) * 1000 * h**3
     corners = (idx[:, None] + np.array(np.meshgrid([0, 1], [0, 1], [0, 1])).reshape(3, -1).T[None]).reshape(-1, 3)
     corners = corners * h - 0.5
     hull = corners[ConvexHull(corners).vertices]
@@ -27,10 +27,10 @@ def _final_angle_deg(occ, seconds=10.0):
     com[2] -= zmin
     i = inertia
     xml = f"""<mujoco><option timestep="0.001"/>
-      <asset><mesh name="m" vertex="{' '.join(f'{v:.6f}' for v in hull.ravel())}"/></asset>
+      <asset><mesh name="m" vertex="{" ".join(f"{v:.6f}" for v in hull.ravel())}"/></asset>
       <worldbody><geom type="plane" size="0 0 1"/>
         <body><freejoint/>
-          <inertial pos="{com[0]} {com[1]} {com[2]}" mass="{1000 * len(idx) * h ** 3}"
+          <inertial pos="{com[0]} {com[1]} {com[2]}" mass="{1000 * len(idx) * h**3}"
                     fullinertia="{i[0, 0]} {i[1, 1]} {i[2, 2]} {i[0, 1]} {i[0, 2]} {i[1, 2]}"/>
           <geom type="mesh" mesh="m"/></body></worldbody></mujoco>"""
     model = mujoco.MjModel.from_xml_string(xml)

@@ -108,7 +108,7 @@ def test_other_resolution_rasterises_the_same_object():
 
 def test_offline_dataset_layout():
     d = toy.make_dataset(0, 6, k=3)
-    assert d["occ_bits"].shape == (6, 3, 32 ** 3 // 8) and d["occ_bits"].dtype == np.uint8
+    assert d["occ_bits"].shape == (6, 3, 32**3 // 8) and d["occ_bits"].dtype == np.uint8
     assert d["stable"].shape == (6, 3) and d["cond"].shape == (6, 64, 64)
     occ = toy.unpack_occ(d["occ_bits"])
     np.testing.assert_array_equal(occ[:, 0], toy.sample_objects(0, 6)["occ"])

@@ -27,8 +27,14 @@ def cache_dir(tmp_path_factory):
 
 def _env(cache_dir):
     # The three runs share one persistent compilation cache: the step compiles once.
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=cache_dir,
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
 
 def _run(workdir, cache_dir):
@@ -61,7 +67,9 @@ def test_tiny_dro_trains_and_the_loss_goes_down(uninterrupted):
 
 def test_sigkill_then_rerun_ends_bit_identical(uninterrupted, cache_dir, tmp_path):
     workdir = str(tmp_path / "killed")
-    proc = subprocess.Popen(_command(workdir), env=_env(cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _command(workdir), env=_env(cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     first_ckpt = os.path.join(workdir, "checkpoints", "5")
     deadline = time.time() + 240
     while not os.path.isdir(first_ckpt) and proc.poll() is None and time.time() < deadline:

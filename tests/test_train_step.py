@@ -1,18 +1,15 @@
 """The train step, optimizer and configs as specs (tiny model, CPU)."""
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import dpo, dro, sft  # noqa: E402
-from dso_jax import lora, losses, train  # noqa: E402
-from dso_jax.models import pretrained  # noqa: E402
+from configs import dpo, dro, sft
+from dso_jax import lora, losses, train
+from dso_jax.models import pretrained
 
 
 def test_configs_carry_dso_values():
@@ -89,8 +86,12 @@ def _batch(a, b, seed=0, s=8, c=16, res=4):
 
 
 def _state(tx, overlay):
-    return train.TrainState(step=jnp.zeros((), jnp.int32), overlay=overlay, opt_state=tx.init(overlay),
-                            rng=jax.random.key_data(jax.random.key(0)))
+    return train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        overlay=overlay,
+        opt_state=tx.init(overlay),
+        rng=jax.random.key_data(jax.random.key(0)),
+    )
 
 
 def test_accumulated_gradient_is_the_mean_over_all_pairs(tiny):

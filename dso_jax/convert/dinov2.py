@@ -68,11 +68,12 @@ def dinov2_key_table(cfg) -> list[tuple[str, str, Rule, tuple[int, ...]]]:
         if cfg.proj_bias:
             t.append((s + "attn.proj.bias", f + "attn/proj/bias", keep, (d,)))
         if cfg.ffn_bias:
-            t += [(s + "mlp.fc1.bias", f + "mlp/fc1/bias", keep, (hid,)),
-                  (s + "mlp.fc2.bias", f + "mlp/fc2/bias", keep, (d,))]
+            t += [
+                (s + "mlp.fc1.bias", f + "mlp/fc1/bias", keep, (hid,)),
+                (s + "mlp.fc2.bias", f + "mlp/fc2/bias", keep, (d,)),
+            ]
         if cfg.layerscale:
-            t += [(s + "ls1.gamma", f + "ls1/gamma", keep, (d,)),
-                  (s + "ls2.gamma", f + "ls2/gamma", keep, (d,))]
+            t += [(s + "ls1.gamma", f + "ls1/gamma", keep, (d,)), (s + "ls2.gamma", f + "ls2/gamma", keep, (d,))]
     return t
 
 
@@ -91,10 +92,12 @@ def convert_dinov2_state_dict(sd: dict[str, np.ndarray], cfg) -> dict:
         elif not np.issubdtype(np.asarray(a).dtype, np.floating):
             problems.append(f"dtype: {k} is {np.asarray(a).dtype}, expected a floating type")
     if problems:
-        raise ConversionError(f"DINOv2 state dict does not match the config ({len(problems)} problems):\n  "
-                              + "\n  ".join(problems))
-    return unflatten({fpath: np.ascontiguousarray(rule(np.asarray(sd[tkey], np.float32)))
-                      for tkey, fpath, rule, _ in table})
+        raise ConversionError(
+            f"DINOv2 state dict does not match the config ({len(problems)} problems):\n  " + "\n  ".join(problems)
+        )
+    return unflatten(
+        {fpath: np.ascontiguousarray(rule(np.asarray(sd[tkey], np.float32))) for tkey, fpath, rule, _ in table}
+    )
 
 
 def load_dinov2_pth(path: str) -> dict[str, np.ndarray]:
@@ -102,8 +105,9 @@ def load_dinov2_pth(path: str) -> dict[str, np.ndarray]:
     try:
         import torch  # lazy: only this reader needs torch
     except ImportError as e:
-        raise ImportError(f"reading {path} needs PyTorch (pip install torch); "
-                          "converted safetensors load without it") from e
+        raise ImportError(
+            f"reading {path} needs PyTorch (pip install torch); converted safetensors load without it"
+        ) from e
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ConversionError(f"{path}: expected a flat state dict of tensors (the hub's *_pretrain.pth)")
@@ -113,6 +117,7 @@ def load_dinov2_pth(path: str) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------
 # Converted-directory format: params.safetensors ('/'-joined keys) + config.json + manifest.json
 # ----------------------------------------------------------------------------------------------------
+
 
 def convert_dinov2_file(src: str, dst: str, cfg) -> dict:
     """Convert a ``.pth`` into ``dst/`` (params, config, manifest); returns the nested params."""

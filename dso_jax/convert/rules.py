@@ -40,15 +40,17 @@ class LeafRule:
 
 # (module kind, torch leaf)       Flax leaf  torch -> flax axis order
 LEAF_RULES: dict[tuple[str, str], LeafRule] = {
-    ("linear", "weight"):    LeafRule("kernel", (1, 0)),           # nn.Linear (out, in) -> Dense (in, out)
-    ("linear", "bias"):      LeafRule("bias", None),
-    ("conv3d", "weight"):    LeafRule("kernel", (2, 3, 4, 1, 0)),  # nn.Conv3d (O, I, kx, ky, kz) -> Conv (kx, ky, kz, I, O)
-    ("conv3d", "bias"):      LeafRule("bias", None),
-    ("layernorm", "weight"): LeafRule("scale", None),              # nn.LayerNorm weight -> scale
-    ("layernorm", "bias"):   LeafRule("bias", None),
-    ("groupnorm", "weight"): LeafRule("scale", None),              # nn.GroupNorm weight -> scale
-    ("groupnorm", "bias"):   LeafRule("bias", None),
-    ("rmsnorm", "gamma"):    LeafRule("gamma", None),              # TRELLIS MultiHeadRMSNorm gamma (heads, dim) as is
+    ("linear", "weight"): LeafRule("kernel", (1, 0)),  # nn.Linear (out, in) -> Dense (in, out)
+    ("linear", "bias"): LeafRule("bias", None),
+    ("conv3d", "weight"): LeafRule(
+        "kernel", (2, 3, 4, 1, 0)
+    ),  # nn.Conv3d (O, I, kx, ky, kz) -> Conv (kx, ky, kz, I, O)
+    ("conv3d", "bias"): LeafRule("bias", None),
+    ("layernorm", "weight"): LeafRule("scale", None),  # nn.LayerNorm weight -> scale
+    ("layernorm", "bias"): LeafRule("bias", None),
+    ("groupnorm", "weight"): LeafRule("scale", None),  # nn.GroupNorm weight -> scale
+    ("groupnorm", "bias"): LeafRule("bias", None),
+    ("rmsnorm", "gamma"): LeafRule("gamma", None),  # TRELLIS MultiHeadRMSNorm gamma (heads, dim) as is
 }
 
 BUFFER = "buffer"  # a persistent buffer: checked against a recomputed value, never a Flax param

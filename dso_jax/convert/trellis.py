@@ -35,7 +35,12 @@ FLOW = "SparseStructureFlowModel"
 DECODER = "SparseStructureDecoder"
 STAGE1_ROLES = ("sparse_structure_flow_model", "sparse_structure_decoder")  # keys of pipeline.json args.models
 
-PARAMS_FILE, CONFIG_FILE, MANIFEST_FILE, PIPELINE_FILE = "params.safetensors", "config.json", "manifest.json", "pipeline.json"
+PARAMS_FILE, CONFIG_FILE, MANIFEST_FILE, PIPELINE_FILE = (
+    "params.safetensors",
+    "config.json",
+    "manifest.json",
+    "pipeline.json",
+)
 SOURCE_PIPELINE_FILE = "source_pipeline.json"  # a converted folder's copy of the source pipeline.json
 FORMAT = "dso_jax.converted.v1"
 BUFFER_ATOL = 1e-5  # stored buffers must equal their recomputed value to this absolute tolerance
@@ -67,23 +72,52 @@ class Entry:
 
 # Constructor defaults of the TRELLIS classes (json args may omit them). None marks a required arg.
 FLOW_ARGS = dict(
-    resolution=None, in_channels=None, model_channels=None, cond_channels=None, out_channels=None,
-    num_blocks=None, num_heads=None, num_head_channels=64, mlp_ratio=4, patch_size=2, pe_mode="ape",
-    use_fp16=False, use_checkpoint=False, share_mod=False, qk_rms_norm=False, qk_rms_norm_cross=False,
+    resolution=None,
+    in_channels=None,
+    model_channels=None,
+    cond_channels=None,
+    out_channels=None,
+    num_blocks=None,
+    num_heads=None,
+    num_head_channels=64,
+    mlp_ratio=4,
+    patch_size=2,
+    pe_mode="ape",
+    use_fp16=False,
+    use_checkpoint=False,
+    share_mod=False,
+    qk_rms_norm=False,
+    qk_rms_norm_cross=False,
 )
 DECODER_ARGS = dict(
-    out_channels=None, latent_channels=None, num_res_blocks=None, channels=None,
-    num_res_blocks_middle=2, norm_type="layer", use_fp16=False,
+    out_channels=None,
+    latent_channels=None,
+    num_res_blocks=None,
+    channels=None,
+    num_res_blocks_middle=2,
+    norm_type="layer",
+    use_fp16=False,
 )
 _REQUIRED_NONE_OK = {"num_heads"}  # defaults to None legitimately
 # The released stage-1 models' json args (TRELLIS-image-large ``ckpts/ss_flow_img_dit_L_16l8_fp16.json`` and
 # ``ckpts/ss_dec_conv3d_16l8_fp16.json``; trellis.md §2.1, §3.1): configs, random-weight presets and benches.
 RELEASED_FLOW_ARGS = dict(
-    resolution=16, in_channels=8, model_channels=1024, cond_channels=1024, out_channels=8, num_blocks=24,
-    num_heads=16, mlp_ratio=4, patch_size=1, pe_mode="ape", qk_rms_norm=True, use_fp16=True,
+    resolution=16,
+    in_channels=8,
+    model_channels=1024,
+    cond_channels=1024,
+    out_channels=8,
+    num_blocks=24,
+    num_heads=16,
+    mlp_ratio=4,
+    patch_size=1,
+    pe_mode="ape",
+    qk_rms_norm=True,
+    use_fp16=True,
 )
-RELEASED_DECODER_ARGS = dict(out_channels=1, latent_channels=8, num_res_blocks=2, num_res_blocks_middle=2,
-                             channels=(512, 128, 32), use_fp16=True)
+RELEASED_DECODER_ARGS = dict(
+    out_channels=1, latent_channels=8, num_res_blocks=2, num_res_blocks_middle=2, channels=(512, 128, 32), use_fp16=True
+)
 
 
 def full_args(name: str, args: Mapping, *, source: str = "config") -> dict:
@@ -105,7 +139,10 @@ def _linear(prefix: str, fan_in: int, fan_out: int, dtype: str = F32, bias: bool
 
 
 def _conv3d(prefix: str, cin: int, cout: int, k: int, dtype: str = F32) -> list[Entry]:
-    return [Entry(f"{prefix}.weight", "conv3d", (cout, cin, k, k, k), dtype), Entry(f"{prefix}.bias", "conv3d", (cout,), dtype)]
+    return [
+        Entry(f"{prefix}.weight", "conv3d", (cout, cin, k, k, k), dtype),
+        Entry(f"{prefix}.bias", "conv3d", (cout,), dtype),
+    ]
 
 
 def _norm(prefix: str, c: int, kind: str = "layernorm") -> list[Entry]:
@@ -147,8 +184,11 @@ def ss_flow_table(args: Mapping) -> list[Entry]:
 
 def _resblock(prefix: str, c: int, half: str) -> list[Entry]:
     # ResBlock3d(c, c): channel LayerNorms always (whatever norm_type), no skip conv.
-    return _norm(prefix + ".norm1", c) + _norm(prefix + ".norm2", c) + _conv3d(prefix + ".conv1", c, c, 3, half) + _conv3d(
-        prefix + ".conv2", c, c, 3, half
+    return (
+        _norm(prefix + ".norm1", c)
+        + _norm(prefix + ".norm2", c)
+        + _conv3d(prefix + ".conv1", c, c, 3, half)
+        + _conv3d(prefix + ".conv2", c, c, 3, half)
     )
 
 
@@ -211,11 +251,19 @@ def convert_state_dict(
         if e.kind != BUFFER or e.torch_key not in state_dict or tuple(np.shape(state_dict[e.torch_key])) != e.shape:
             continue
         if buffers is None or e.torch_key not in buffers:
-            raise TypeError(f"convert_state_dict: pass buffers={{{e.torch_key!r}: recomputed value}} to check the stored buffer")
-        d = float(np.max(np.abs(np.asarray(state_dict[e.torch_key], np.float64) - np.asarray(buffers[e.torch_key], np.float64))))
+            raise TypeError(
+                f"convert_state_dict: pass buffers={{{e.torch_key!r}: recomputed value}} to check the stored buffer"
+            )
+        d = float(
+            np.max(
+                np.abs(np.asarray(state_dict[e.torch_key], np.float64) - np.asarray(buffers[e.torch_key], np.float64))
+            )
+        )
         if not d <= BUFFER_ATOL:
-            lines.append(f"{source}: buffer {e.torch_key!r} differs from its recomputed value "
-                         f"(max |diff| {d:.3g} > {BUFFER_ATOL:g})")
+            lines.append(
+                f"{source}: buffer {e.torch_key!r} differs from its recomputed value "
+                f"(max |diff| {d:.3g} > {BUFFER_ATOL:g})"
+            )
     raise_if(lines, f"{source} does not match {config['name']}")
     flat = {}
     for e in table:
@@ -264,8 +312,10 @@ def params_to_torch_state_dict(
     table = key_table(config)
     flat = {k: np.asarray(v) for k, v in flatten(params).items()}
     found = {k: (v.shape, v.dtype.name) for k, v in flat.items()}
-    raise_if(diff_lines(found, {k: (s, None) for k, s in expected_flax_shapes(config).items()}, source="params"),
-             f"params do not match {config['name']}")
+    raise_if(
+        diff_lines(found, {k: (s, None) for k, s in expected_flax_shapes(config).items()}, source="params"),
+        f"params do not match {config['name']}",
+    )
     out = {}
     for e in table:
         if e.kind == BUFFER:
@@ -343,11 +393,17 @@ def read_checkpoint(prefix: str, *, hash_files: bool = False) -> tuple[dict, dic
     json_path, st_path = prefix + ".json", prefix + ".safetensors"
     for p in (json_path, st_path):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p}: no such file (a TRELLIS checkpoint prefix needs NAME.json and NAME.safetensors)")
+            raise FileNotFoundError(
+                f"{p}: no such file (a TRELLIS checkpoint prefix needs NAME.json and NAME.safetensors)"
+            )
     config = read_json(json_path)
     key_table(config, source=json_path)  # validate the json before reading a large file
     state_dict = read_safetensors(st_path)
-    info = {"json": os.path.abspath(json_path), "safetensors": os.path.abspath(st_path), "bytes": os.path.getsize(st_path)}
+    info = {
+        "json": os.path.abspath(json_path),
+        "safetensors": os.path.abspath(st_path),
+        "bytes": os.path.getsize(st_path),
+    }
     if hash_files:
         info["sha256"] = rules.sha256_file(st_path)
         info["json_sha256"] = rules.sha256_file(json_path)
@@ -361,12 +417,18 @@ def make_manifest(name: str, config: Mapping, state_dict: Mapping, source: Mappi
     for k, v in state_dict.items():
         e = table[k]
         rule = "buffer (recomputed, checked)" if e.kind == BUFFER else f"{e.kind}.{k.rsplit('.', 1)[-1]}"
-        tensors.append({"name": k, "shape": list(np.shape(v)), "dtype": np.asarray(v).dtype.name, "flax": e.flax_key, "rule": rule})
+        tensors.append(
+            {"name": k, "shape": list(np.shape(v)), "dtype": np.asarray(v).dtype.name, "flax": e.flax_key, "rule": rule}
+        )
     n = sum(int(np.prod(e.shape)) for e in table.values() if e.kind != BUFFER)
     return {
-        "format": FORMAT, "name": name, "model": config["name"], "source": dict(source),
+        "format": FORMAT,
+        "name": name,
+        "model": config["name"],
+        "source": dict(source),
         "params": {"file": PARAMS_FILE, "dtype": "float32", "count": n},
-        "buffers": dict(buffer_checks), "tensors": tensors,
+        "buffers": dict(buffer_checks),
+        "tensors": tensors,
     }
 
 

@@ -88,7 +88,14 @@ def check_finite_and_deterministic(apply_fn: Callable, params, inputs: Sequence,
         raise ConversionError(f"{name}: output has {bad} non-finite value(s) of {first.size}")
     if not np.array_equal(first, second):
         diff = float(np.max(np.abs(first.astype(np.float64) - second.astype(np.float64))))
-        raise ConversionError(f"{name}: two runs on the same inputs differ (max |diff| {diff:.3g}); on GPU, "
-                              "XLA_FLAGS=--xla_gpu_deterministic_ops=true selects deterministic kernels")
+        raise ConversionError(
+            f"{name}: two runs on the same inputs differ (max |diff| {diff:.3g}); on GPU, "
+            "XLA_FLAGS=--xla_gpu_deterministic_ops=true selects deterministic kernels"
+        )
     y = first.astype(np.float64)
-    return {"shape": tuple(first.shape), "mean": float(y.mean()), "std": float(y.std()), "max_abs": float(np.abs(y).max())}
+    return {
+        "shape": tuple(first.shape),
+        "mean": float(y.mean()),
+        "std": float(y.std()),
+        "max_abs": float(np.abs(y).max()),
+    }

@@ -13,7 +13,7 @@ import concurrent.futures
 import dataclasses
 import queue
 import threading
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -31,7 +31,7 @@ class PairIndex:
     dropped: int  # objects without both labels
 
     @classmethod
-    def from_metadata(cls, objects_meta: Sequence[dict], threshold: float) -> "PairIndex":
+    def from_metadata(cls, objects_meta: Sequence[dict], threshold: float) -> PairIndex:
         keep, views, stable, unstable = [], [], [], []
         for i, obj in enumerate(objects_meta):
             angles = np.asarray(obj["angles"], np.float32)
@@ -138,7 +138,7 @@ def _prefetch(it: Iterator, size: int) -> Iterator:
     if size <= 0:
         yield from it
         return
-    q: "queue.Queue" = queue.Queue(maxsize=size)
+    q: queue.Queue = queue.Queue(maxsize=size)
     stop = threading.Event()
 
     def work():

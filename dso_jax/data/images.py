@@ -61,7 +61,7 @@ def crop_padded(arr: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     out = np.zeros((y1 - y0, x1 - x0) + arr.shape[2:], arr.dtype)
     sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     if sx1 > sx0 and sy1 > sy0:
-        out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = arr[sy0:sy1, sx0:sx1]
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[sy0:sy1, sx0:sx1]
     return out
 
 
@@ -127,8 +127,9 @@ def _object_rgba(img: Image.Image, path, mask_path, background, tolerance) -> Im
     if mask_path is not None:
         mask = _open(mask_path)
         if mask.size != img.size:
-            raise ImageInputError(f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} px, "
-                                  f"image {path} is {img.size[0]}x{img.size[1]} px")
+            raise ImageInputError(
+                f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} px, image {path} is {img.size[0]}x{img.size[1]} px"
+            )
         mask = mask.getchannel("A") if mask.mode in ("RGBA", "LA") else mask.convert("L")
         rgb = _downscale_rgb(img)
         if mask.size != rgb.size:
@@ -141,12 +142,18 @@ def _object_rgba(img: Image.Image, path, mask_path, background, tolerance) -> Im
     if background is not None:
         rgb = _downscale_rgb(img)
         return _with_alpha(rgb, key_out_background(np.asarray(rgb), background, tolerance))
-    raise ImageInputError(f"{path}: image has no alpha channel (or alpha is all 255); provide a mask file "
-                          "(--mask) or a background colour to key out (--background R,G,B)")
+    raise ImageInputError(
+        f"{path}: image has no alpha channel (or alpha is all 255); provide a mask file "
+        "(--mask) or a background colour to key out (--background R,G,B)"
+    )
 
 
-def preprocess_image(path: PathLike, mask_path: Optional[PathLike] = None, background: Optional[Color] = None,
-                     tolerance: int = DEFAULT_TOLERANCE) -> Image.Image:
+def preprocess_image(
+    path: PathLike,
+    mask_path: Optional[PathLike] = None,
+    background: Optional[Color] = None,
+    tolerance: int = DEFAULT_TOLERANCE,
+) -> Image.Image:
     """Image file -> 518x518 RGB conditioning image.
 
     The object mask comes from, in order: ``mask_path`` (greyscale, or the alpha of an RGBA/LA mask;
@@ -160,9 +167,12 @@ def preprocess_image(path: PathLike, mask_path: Optional[PathLike] = None, backg
         raise ImageInputError(f"{path}: {e}") from None
 
 
-def load_images(paths: Sequence[PathLike], mask_paths: Optional[Sequence[Optional[PathLike]]] = None,
-                background: Optional[Color] = None,
-                tolerance: int = DEFAULT_TOLERANCE) -> tuple[np.ndarray, dict[str, str]]:
+def load_images(
+    paths: Sequence[PathLike],
+    mask_paths: Optional[Sequence[Optional[PathLike]]] = None,
+    background: Optional[Color] = None,
+    tolerance: int = DEFAULT_TOLERANCE,
+) -> tuple[np.ndarray, dict[str, str]]:
     """Preprocess many files -> (uint8 (B, 518, 518, 3), {path: reason} for the files that failed).
 
     Rows follow ``paths`` with failed files skipped; a bad file never stops the others.

@@ -71,7 +71,9 @@ def records_from_config(data_cfg, model_args, seed: int) -> list:
 
 def write_tfds(data_dir: str, records: list) -> str:
     """Build the TFDS dataset from ``records``; returns the dataset directory."""
-    return tfds_dso.build(data_dir, lambda: iter(records), num_models_per_image=max(int(r["latent_glb_ids"].max()) + 1 for r in records))
+    return tfds_dso.build(
+        data_dir, lambda: iter(records), num_models_per_image=max(int(r["latent_glb_ids"].max()) + 1 for r in records)
+    )
 
 
 def write_dso_layout(category_dir: str, records: list) -> None:
@@ -82,9 +84,14 @@ def write_dso_layout(category_dir: str, records: list) -> None:
         d = os.path.join(category_dir, rec["object_id"])
         os.makedirs(d, exist_ok=True)
         for v, cond in zip(rec["image_ids"], rec["cond"]):
-            torch.save(torch.from_numpy(np.asarray(cond, np.float32)).to(torch.bfloat16), os.path.join(d, f"{v:03d}_cond.pt"))
+            torch.save(
+                torch.from_numpy(np.asarray(cond, np.float32)).to(torch.bfloat16), os.path.join(d, f"{v:03d}_cond.pt")
+            )
         for i, k, lat in zip(rec["latent_image_ids"], rec["latent_glb_ids"], rec["latents"]):
-            torch.save(torch.from_numpy(np.asarray(lat, np.float32)).to(torch.bfloat16), os.path.join(d, f"{i:03d}_sparse_sample_{k:03d}.pt"))
+            torch.save(
+                torch.from_numpy(np.asarray(lat, np.float32)).to(torch.bfloat16),
+                os.path.join(d, f"{i:03d}_sparse_sample_{k:03d}.pt"),
+            )
         np.savez(
             os.path.join(d, "model_info.npz"),
             image_ids=np.asarray(rec["latent_image_ids"], np.int8),

@@ -62,7 +62,9 @@ class DsoPairs(tfds.core.GeneratorBasedBuilder):
         # TFDS's default probes importlib_resources, which TF-free installs may lack.
         return epath.Path(__file__)
 
-    def __init__(self, *, source: Optional[Callable[[], Iterable[ObjectRecord]]] = None, num_models_per_image: int = 4, **kwargs):
+    def __init__(
+        self, *, source: Optional[Callable[[], Iterable[ObjectRecord]]] = None, num_models_per_image: int = 4, **kwargs
+    ):
         self._source = source
         self._num_models_per_image = num_models_per_image
         super().__init__(**kwargs)
@@ -107,7 +109,11 @@ class DsoPairs(tfds.core.GeneratorBasedBuilder):
                     f"object {rec['object_id']}: cond {cs} / latents {ls} differ from the first object's {cond_shape} / {latent_shape}"
                 )
             objects.append(
-                {"object_id": rec["object_id"], "num_views": len(rec["image_ids"]), "angles": [float(a) for a in rec["angles"]]}
+                {
+                    "object_id": rec["object_id"],
+                    "num_views": len(rec["image_ids"]),
+                    "angles": [float(a) for a in rec["angles"]],
+                }
             )
             yield i, rec
         # Written with dataset_info once generation ends; record i <-> objects[i].
@@ -130,7 +136,9 @@ def _normalise_record(rec: ObjectRecord) -> ObjectRecord:
     if out["cond"].ndim != 3 or out["cond"].shape[0] != v:
         raise ValueError(f"object {out['object_id']}: cond has shape {out['cond'].shape}, expected ({v}, S, Cc)")
     if out["latents"].ndim != 5 or out["latents"].shape[0] != n:
-        raise ValueError(f"object {out['object_id']}: latents have shape {out['latents'].shape}, expected ({n}, C, R, R, R)")
+        raise ValueError(
+            f"object {out['object_id']}: latents have shape {out['latents'].shape}, expected ({n}, C, R, R, R)"
+        )
     if len(out["latent_image_ids"]) != n or len(out["latent_glb_ids"]) != n:
         raise ValueError(f"object {out['object_id']}: {n} angles but {len(out['latent_image_ids'])} latent image ids")
     missing = set(out["latent_image_ids"].tolist()) - set(out["image_ids"].tolist())
@@ -171,7 +179,9 @@ def read_dso_layout(
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: not a directory (expected a DSO category directory)")
-    prompts = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(glob.escape(root), "*", "available_images.npy")))
+    prompts = sorted(
+        os.path.dirname(p) for p in glob.glob(os.path.join(glob.escape(root), "*", "available_images.npy"))
+    )
     skipped = 0
     for prompt in prompts:
         info_path = os.path.join(prompt, "model_info.npz")
@@ -183,7 +193,9 @@ def read_dso_layout(
         glb_ids = np.asarray(info["glb_ids"]).astype(np.int32).reshape(-1)
         angles = np.asarray(info["angles"]).astype(np.float32).reshape(-1)
         if not (len(image_ids) == len(glb_ids) == len(angles)):
-            raise ValueError(f"{info_path}: image_ids {image_ids.shape}, glb_ids {glb_ids.shape}, angles {angles.shape} differ in length")
+            raise ValueError(
+                f"{info_path}: image_ids {image_ids.shape}, glb_ids {glb_ids.shape}, angles {angles.shape} differ in length"
+            )
         keep = glb_ids < num_models_per_image
         image_ids, glb_ids, angles = image_ids[keep], glb_ids[keep], angles[keep]
         if len(angles) == 0:
@@ -212,7 +224,9 @@ def read_dso_layout(
 
 def build(data_dir: str, source: Callable[[], Iterable[ObjectRecord]], num_models_per_image: int = 4) -> str:
     """Write the dataset under ``data_dir`` from ``source``; returns the dataset directory."""
-    builder = DsoPairs(data_dir=data_dir, source=source, num_models_per_image=num_models_per_image, file_format="array_record")
+    builder = DsoPairs(
+        data_dir=data_dir, source=source, num_models_per_image=num_models_per_image, file_format="array_record"
+    )
     builder.download_and_prepare()
     return os.fspath(builder.data_path)
 
@@ -256,7 +270,9 @@ def open_dataset(path: str):
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="Convert DSO's preprocessing output (one category directory) to the TFDS dataset.")
+    ap = argparse.ArgumentParser(
+        description="Convert DSO's preprocessing output (one category directory) to the TFDS dataset."
+    )
     ap.add_argument("src", help="category directory: PROMPT/{img}_cond.pt, {img}_sparse_sample_{k}.pt, model_info.npz")
     ap.add_argument("data_dir", help="output TFDS data_dir (the dataset lands in DATA_DIR/dso_pairs/1.0.0)")
     ap.add_argument("--num_models_per_image", type=int, default=4)

@@ -78,8 +78,16 @@ def _u(rng, lo, hi):
 
 
 def _table_visible(rng):
-    return dict(W=_u(rng, 14, 28), H=_u(rng, 12, 20), T=_u(rng, 2, 3), lt=_u(rng, 2, 3), lx=_u(rng, 0, 2),
-                ly=_u(rng, 0, 1), yf=_u(rng, 2, 5), dx=_u(rng, -2, 2))
+    return dict(
+        W=_u(rng, 14, 28),
+        H=_u(rng, 12, 20),
+        T=_u(rng, 2, 3),
+        lt=_u(rng, 2, 3),
+        lx=_u(rng, 0, 2),
+        ly=_u(rng, 0, 1),
+        yf=_u(rng, 2, 5),
+        dx=_u(rng, -2, 2),
+    )
 
 
 def _table_hidden(rng, v):
@@ -108,8 +116,17 @@ def _stool_visible(rng):
     ox = _u(rng, 2, rs - 3)
     oy = _u(rng, 4, rs - 2)  # >= 4: without back legs the seat's centre is >= 3 voxels behind the front legs
     hb = 0 if rng.random() < 0.4 else _u(rng, 4, 10)
-    return dict(rs=rs, Hs=_u(rng, 12, 20), ox=ox, oy=oy, hb=hb, bw=_u(rng, 4, 2 * rs - 4) if hb else 0,
-                rung=int(rng.random() < 0.5), yf=_u(rng, 2, 6), dx=_u(rng, -2, 2))
+    return dict(
+        rs=rs,
+        Hs=_u(rng, 12, 20),
+        ox=ox,
+        oy=oy,
+        hb=hb,
+        bw=_u(rng, 4, 2 * rs - 4) if hb else 0,
+        rung=int(rng.random() < 0.5),
+        yf=_u(rng, 2, 6),
+        dx=_u(rng, -2, 2),
+    )
 
 
 def _stool_hidden(rng, v):
@@ -136,9 +153,19 @@ def _stool_build(c, v, h):
 def _lamp_visible(rng):
     a, pt, e = _u(rng, 2, 5), _u(rng, 2, 3), _u(rng, 0, 2)
     tube = int(rng.random() < 0.5)
-    return dict(yf=_u(rng, 2, 5), Wb=_u(rng, 8, 14), hb=_u(rng, 2, 3), a=a, pt=pt, Hp=_u(rng, 15, 23),
-                tube=tube, Wh=0 if tube else _u(rng, 6, 14), Hh=_u(rng, 3, 5) if tube else _u(rng, 5, 9), e=e,
-                dx=_u(rng, -2, 2))
+    return dict(
+        yf=_u(rng, 2, 5),
+        Wb=_u(rng, 8, 14),
+        hb=_u(rng, 2, 3),
+        a=a,
+        pt=pt,
+        Hp=_u(rng, 15, 23),
+        tube=tube,
+        Wh=0 if tube else _u(rng, 6, 14),
+        Hh=_u(rng, 3, 5) if tube else _u(rng, 5, 9),
+        e=e,
+        dx=_u(rng, -2, 2),
+    )
 
 
 def _lamp_hidden(rng, v):
@@ -163,8 +190,9 @@ def _lamp_build(c, v, h):
 
 
 def _shelf_visible(rng):
-    return dict(W=_u(rng, 14, 26), H=_u(rng, 18, 28), bt=_u(rng, 1, 2), nb=_u(rng, 3, 5), yf=_u(rng, 2, 5),
-                dx=_u(rng, -2, 2))
+    return dict(
+        W=_u(rng, 14, 26), H=_u(rng, 18, 28), bt=_u(rng, 1, 2), nb=_u(rng, 3, 5), yf=_u(rng, 2, 5), dx=_u(rng, -2, 2)
+    )
 
 
 def _shelf_hidden(rng, v):
@@ -194,8 +222,19 @@ def _shelf_build(c, v, h):
 
 def _figure_visible(rng):
     lw, g, toe, tf = _u(rng, 3, 4), _u(rng, 1, 3), _u(rng, 1, 3), _u(rng, 0, 1)
-    return dict(yf=_u(rng, 3, 6), lw=lw, g=g, toe=toe, Hl=_u(rng, 8, 12), ea=_u(rng, 0, 1), Ht=_u(rng, 8, 12),
-                tf=tf, hs=_u(rng, 4, 6), La=_u(rng, 5, 9), dx=_u(rng, -2, 2))
+    return dict(
+        yf=_u(rng, 3, 6),
+        lw=lw,
+        g=g,
+        toe=toe,
+        Hl=_u(rng, 8, 12),
+        ea=_u(rng, 0, 1),
+        Ht=_u(rng, 8, 12),
+        tf=tf,
+        hs=_u(rng, 4, 6),
+        La=_u(rng, 5, 9),
+        dx=_u(rng, -2, 2),
+    )
 
 
 def _figure_hidden(rng, v):
@@ -275,8 +314,12 @@ def static_stability(occ: np.ndarray) -> dict:
             h = (idx[:, 2] - z0).astype(np.float64)
             out = s > 1e-6
             tilt[n] = np.degrees(np.arctan2(h[out], s[out]).min()) if out.any() else 90.0
-    return dict(stable=(margin > 0).reshape(lead), margin=margin.reshape(lead), com=com.reshape(lead + (3,)),
-                tilt=tilt.reshape(lead))
+    return dict(
+        stable=(margin > 0).reshape(lead),
+        margin=margin.reshape(lead),
+        com=com.reshape(lead + (3,)),
+        tilt=tilt.reshape(lead),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -349,8 +392,11 @@ def sample_objects(rng_or_seed, n: int, split: str = "train", res: int = RES, ki
     if split not in _SPLIT_ID:
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     rng = _as_rng(rng_or_seed, split)
-    kinds = tuple(range(len(KINDS))) if kinds is None else tuple(KINDS.index(k) if isinstance(k, str) else int(k)
-                                                                  for k in kinds)
+    kinds = (
+        tuple(range(len(KINDS)))
+        if kinds is None
+        else tuple(KINDS.index(k) if isinstance(k, str) else int(k) for k in kinds)
+    )
     occ = np.zeros((n, res, res, res), dtype=bool)
     kind = np.zeros(n, dtype=np.int32)
     margin = np.zeros(n, dtype=np.float32)
@@ -406,11 +452,16 @@ def make_dataset(seed: int, n: int, k: int = 4, split: str = "train", res: int =
         for j in range(1, k):
             occ[i, j] = build(resample_hidden(p, rng, res), res)
     st = static_stability(occ)
-    return dict(occ_bits=np.packbits(occ.reshape(n, k, -1), axis=-1), stable=st["stable"], margin=st["margin"],
-                kind=objs["kind"], cond=conditions(objs["occ"]))
+    return dict(
+        occ_bits=np.packbits(occ.reshape(n, k, -1), axis=-1),
+        stable=st["stable"],
+        margin=st["margin"],
+        kind=objs["kind"],
+        cond=conditions(objs["occ"]),
+    )
 
 
 def unpack_occ(occ_bits: np.ndarray, res: int = RES) -> np.ndarray:
     """Inverse of the packing in `make_dataset`: (..., res³/8) uint8 -> (..., res, res, res) bool."""
-    bits = np.unpackbits(occ_bits, axis=-1, count=res ** 3)
+    bits = np.unpackbits(occ_bits, axis=-1, count=res**3)
     return bits.reshape(occ_bits.shape[:-1] + (res, res, res)).astype(bool)

@@ -31,13 +31,13 @@ def front_depth(occ):
     return hit, depth
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _projection(n: int, seed: int) -> np.ndarray:
     q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
     return (q * np.sign(np.diag(r))).astype(np.float32)  # (n, n) orthogonal
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _positions(grid: int, dim: int) -> np.ndarray:
     """(grid², dim) sinusoidal features of the patch row (x) and column (z); dim/2 per axis."""
     per = dim // 2
@@ -60,8 +60,10 @@ def condition_tokens(occ, patch: int = 4, dim: int = 64, seed: int = 0):
     res = hit.shape[-1]
     g, c = res // patch, 2 * patch * patch
     if res % patch or dim < c + 4 or (dim - c) % 4:
-        raise ValueError(f"need R % patch == 0 and dim >= 2·patch² + 4 with (dim - 2·patch²) % 4 == 0, "
-                         f"got R={res}, patch={patch}, dim={dim}")
+        raise ValueError(
+            f"need R % patch == 0 and dim >= 2·patch² + 4 with (dim - 2·patch²) % 4 == 0, "
+            f"got R={res}, patch={patch}, dim={dim}"
+        )
     lead = hit.shape[:-2]
     img = jnp.stack([2.0 * hit.astype(jnp.float32) - 1.0, depth], axis=-1)  # (..., R, R, 2)
     n = len(lead)

@@ -77,8 +77,13 @@ def lr_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW (TRELLIS trains its flow models with AdamW and clipping)."""
-    adamw = optax.adamw(lr_schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                        weight_decay=optim_cfg.weight_decay)
+    adamw = optax.adamw(
+        lr_schedule(optim_cfg, total_steps),
+        b1=optim_cfg.b1,
+        b2=optim_cfg.b2,
+        eps=optim_cfg.eps,
+        weight_decay=optim_cfg.weight_decay,
+    )
     return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw) if optim_cfg.grad_clip > 0 else adamw
 
 
@@ -123,7 +128,8 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, config)
     def train_step(state: PretrainState, occ) -> tuple[PretrainState, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         grad_fn = jax.value_and_grad(
-            lambda p: flow_loss(apply_fn, p, occ, key, config.flow, config.data.latent_scale), has_aux=True)
+            lambda p: flow_loss(apply_fn, p, occ, key, config.flow, config.data.latent_scale), has_aux=True
+        )
         (_, metrics), grads = grad_fn(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

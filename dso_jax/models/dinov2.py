@@ -136,8 +136,13 @@ def interpolate_pos_embed(pos_embed, grid_hw: tuple[int, int], cfg: DinoV2Config
     ww = antialiased_bicubic_matrix(m, w, m / (w + off) if off else None)  # (w, M)
     pos = pos_embed.astype(jnp.float32)
     grid = pos[0, 1:].reshape(m, m, -1)  # (M, M, D)
-    grid = jnp.einsum("ia,jb,abd->ijd", jnp.asarray(wh, jnp.float32), jnp.asarray(ww, jnp.float32), grid,
-                      precision=jax.lax.Precision.HIGHEST)  # (h, w, D)
+    grid = jnp.einsum(
+        "ia,jb,abd->ijd",
+        jnp.asarray(wh, jnp.float32),
+        jnp.asarray(ww, jnp.float32),
+        grid,
+        precision=jax.lax.Precision.HIGHEST,
+    )  # (h, w, D)
     return jnp.concatenate([pos[:, :1], grid.reshape(1, h * w, -1)], axis=1)
 
 
@@ -161,8 +166,7 @@ def layer_norm(x, eps: float):
 
 def _norm(eps: float, name: str) -> nn.LayerNorm:
     # float32 statistics with the two-pass variance: DINOv2 residuals carry large-norm tokens.
-    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name)
+    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False, name=name)
 
 
 class LayerScale(nn.Module):
@@ -237,8 +241,9 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x):
         p = self.cfg.patch_size
-        y = nn.Conv(self.cfg.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                    name="proj")(x)  # (B, h, w, D)
+        y = nn.Conv(self.cfg.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="proj")(
+            x
+        )  # (B, h, w, D)
         b, h, w, d = y.shape
         return y.reshape(b, h * w, d)  # row-major patches, as torch's flatten(2)
 
@@ -272,8 +277,9 @@ class DinoVisionTransformer(nn.Module):
         tok = jnp.concatenate([jnp.broadcast_to(cls_token, (b, 1, c.embed_dim)), tok], axis=1)  # (B, 1+h*w, D)
         tok = tok + interpolate_pos_embed(pos_embed, (hh // p, ww // p), c)
         if c.num_register_tokens:  # registers go after CLS and carry no positional embedding
-            reg = self.param("register_tokens", nn.initializers.normal(1e-6),
-                             (1, c.num_register_tokens, c.embed_dim), jnp.float32)
+            reg = self.param(
+                "register_tokens", nn.initializers.normal(1e-6), (1, c.num_register_tokens, c.embed_dim), jnp.float32
+            )
             reg = jnp.broadcast_to(reg, (b, c.num_register_tokens, c.embed_dim))
             tok = jnp.concatenate([tok[:, :1], reg, tok[:, 1:]], axis=1)  # (B, 1+R+h*w, D)
 
@@ -285,8 +291,8 @@ class DinoVisionTransformer(nn.Module):
         return {
             "x_prenorm": tok,
             "x_norm_clstoken": normed[:, 0],
-            "x_norm_regtokens": normed[:, 1:r + 1],
-            "x_norm_patchtokens": normed[:, r + 1:],
+            "x_norm_regtokens": normed[:, 1 : r + 1],
+            "x_norm_patchtokens": normed[:, r + 1 :],
         }
 
 

@@ -48,7 +48,9 @@ def default_dtype(name: str, args: Mapping[str, Any]) -> jnp.dtype:
     return jnp.dtype(jnp.float32)
 
 
-def example_inputs(module: nn.Module, *, batch: int = 1, cond_len: int = 8, latent_res: int = 16, seed: int = 0) -> tuple:
+def example_inputs(
+    module: nn.Module, *, batch: int = 1, cond_len: int = 8, latent_res: int = 16, seed: int = 0
+) -> tuple:
     """Random inputs in TRELLIS's layout: (x, t, cond) for the flow model, (z,) for the decoder."""
     rng = np.random.default_rng(seed)
     if isinstance(module, SparseStructureFlowModel):
@@ -95,8 +97,11 @@ def convert_checkpoint(prefix: str, *, hash_files: bool = False) -> tuple[dict, 
     params = trellis.convert_state_dict(state_dict, config, buffers=buffers, source=info["safetensors"])
     tree_diff(params, abstract_params(module), source=info["safetensors"])
     checks = {
-        k: {"recomputed_by": f"{type(module).__name__}.{k}()", "atol": trellis.BUFFER_ATOL,
-            "max_abs_diff": float(np.max(np.abs(state_dict[k].astype(np.float64) - v)))}
+        k: {
+            "recomputed_by": f"{type(module).__name__}.{k}()",
+            "atol": trellis.BUFFER_ATOL,
+            "max_abs_diff": float(np.max(np.abs(state_dict[k].astype(np.float64) - v))),
+        }
         for k, v in buffers.items()
     }
     manifest = trellis.make_manifest(os.path.basename(prefix), config, state_dict, info, checks)
@@ -134,7 +139,9 @@ def load_pretrained(path: str, *, dtype: Any = None, lora: Any = None, lora_alph
     ``lora_alpha`` (peft does not store alpha; DSO: 128); see ``dso_jax.lora.load_peft``.
     """
     if (lora is None) != (lora_alpha is None):
-        raise ValueError("load_pretrained: pass lora and lora_alpha together (peft files do not store alpha; DSO used 128)")
+        raise ValueError(
+            "load_pretrained: pass lora and lora_alpha together (peft files do not store alpha; DSO used 128)"
+        )
     config, params = _load_params(path)
     if lora is not None:
         from dso_jax import lora as lora_overlay
@@ -165,18 +172,24 @@ def convert_trellis(src: str, dst: str, *, verify: bool = False, log: Callable[[
         config, params, manifest = convert_checkpoint(prefix, hash_files=True)
         folder = os.path.join(dst, os.path.basename(prefix))
         trellis.write_converted(folder, config, params, manifest)
-        log(f"{prefix} -> {folder}: {config['name']}, {manifest['params']['count']:,} params, "
-            f"source sha256 {manifest['source']['sha256'][:16]}")
+        log(
+            f"{prefix} -> {folder}: {config['name']}, {manifest['params']['count']:,} params, "
+            f"source sha256 {manifest['source']['sha256'][:16]}"
+        )
         del params
         out.append(folder)
-    if trellis.is_pipeline_folder(src):  # kept for its sampler settings; renamed so DST is not taken for a TRELLIS folder
+    if trellis.is_pipeline_folder(
+        src
+    ):  # kept for its sampler settings; renamed so DST is not taken for a TRELLIS folder
         shutil.copyfile(os.path.join(src, trellis.PIPELINE_FILE), os.path.join(dst, trellis.SOURCE_PIPELINE_FILE))
     if verify:
         for folder in out:
             apply_fn, params = load_pretrained(folder)
             stats = check_finite_and_deterministic(apply_fn, params, example_inputs(apply_fn.module), name=folder)
-            log(f"verify {folder}: output {stats['shape']} finite and deterministic; mean {stats['mean']:.4g} "
-                f"std {stats['std']:.4g} max|y| {stats['max_abs']:.4g}")
+            log(
+                f"verify {folder}: output {stats['shape']} finite and deterministic; mean {stats['mean']:.4g} "
+                f"std {stats['std']:.4g} max|y| {stats['max_abs']:.4g}"
+            )
     return out
 
 

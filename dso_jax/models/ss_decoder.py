@@ -69,7 +69,9 @@ class ResBlock3d(nn.Module):
         h = _conv(self.out_channels, 3, self.dtype, "conv1")(h)
         h = nn.silu(norm_layer("layer", "norm2")(h))
         h = _conv(self.out_channels, 3, self.dtype, "conv2")(h)
-        skip = x if self.channels == self.out_channels else _conv(self.out_channels, 1, self.dtype, "skip_connection")(x)
+        skip = (
+            x if self.channels == self.out_channels else _conv(self.out_channels, 1, self.dtype, "skip_connection")(x)
+        )
         return h + skip
 
 

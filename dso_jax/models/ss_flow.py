@@ -120,7 +120,9 @@ class SparseStructureFlowModel(nn.Module):
         if tuple(x.shape) != expected:
             raise ValueError(f"SparseStructureFlowModel: x has shape {tuple(x.shape)}, expected {expected}")
         if cond.ndim != 3 or cond.shape[-1] != self.cond_channels:
-            raise ValueError(f"SparseStructureFlowModel: cond has shape {tuple(cond.shape)}, expected (B, S, {self.cond_channels})")
+            raise ValueError(
+                f"SparseStructureFlowModel: cond has shape {tuple(cond.shape)}, expected (B, S, {self.cond_channels})"
+            )
         if self.pe_mode not in ("ape", "rope"):
             raise ValueError(f"pe_mode must be 'ape' or 'rope', got {self.pe_mode!r}")
         r = self.token_resolution

@@ -78,7 +78,9 @@ class DinoV2Twin(nn.Module):
         self.patch_embed = TwinPatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, g * g + 1, d))
-        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_register_tokens, d)) if cfg.num_register_tokens else None
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, cfg.num_register_tokens, d)) if cfg.num_register_tokens else None
+        )
         self.blocks = nn.ModuleList([TwinBlock(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.head = nn.Identity()
@@ -86,7 +88,7 @@ class DinoV2Twin(nn.Module):
 
     def pos_for(self, rows, cols):
         stored = self.pos_embed.shape[1] - 1
-        m = int(round(stored ** 0.5))
+        m = int(round(stored**0.5))
         if (rows, cols) == (m, m):
             return self.pos_embed
         grid = self.pos_embed[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
@@ -109,8 +111,12 @@ class DinoV2Twin(nn.Module):
             t = blk(t)
         n = self.norm(t)
         r = self.cfg.num_register_tokens
-        return {"x_prenorm": t, "x_norm_clstoken": n[:, 0], "x_norm_regtokens": n[:, 1:r + 1],
-                "x_norm_patchtokens": n[:, r + 1:]}
+        return {
+            "x_prenorm": t,
+            "x_norm_clstoken": n[:, 0],
+            "x_norm_regtokens": n[:, 1 : r + 1],
+            "x_norm_patchtokens": n[:, r + 1 :],
+        }
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -122,7 +128,7 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
             elif p.ndim >= 2 and "token" not in name and "pos_embed" not in name:
                 fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) * fan_in ** -0.5)
+                p.copy_(torch.randn(p.shape, generator=g) * fan_in**-0.5)
             else:
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
     return model

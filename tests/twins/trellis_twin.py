@@ -88,8 +88,15 @@ def sdpa(q, k, v):
 class MultiHeadAttention(nn.Module):
     """§2.6: self (fused to_qkv) or cross (to_q, fused to_kv), optional per-head q/k RMS norm, to_out."""
 
-    def __init__(self, channels: int, num_heads: int, ctx_channels: Optional[int] = None, type: str = "self",
-                 qkv_bias: bool = True, qk_rms_norm: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        ctx_channels: Optional[int] = None,
+        type: str = "self",
+        qkv_bias: bool = True,
+        qk_rms_norm: bool = False,
+    ):
         super().__init__()
         self.heads, self.kind = num_heads, type
         head_dim = channels // num_heads
@@ -129,15 +136,25 @@ class FeedForwardNet(nn.Module):
 class ModulatedTransformerCrossBlock(nn.Module):
     """§2.5: adaLN-modulated self-attention (gated), plain cross-attention after affine norm2, modulated MLP (gated)."""
 
-    def __init__(self, channels: int, ctx_channels: int, num_heads: int, mlp_ratio: float = 4.0,
-                 qk_rms_norm: bool = False, qk_rms_norm_cross: bool = False, share_mod: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        ctx_channels: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qk_rms_norm: bool = False,
+        qk_rms_norm_cross: bool = False,
+        share_mod: bool = False,
+    ):
         super().__init__()
         self.share_mod = share_mod
         self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
         self.norm2 = LayerNorm32(channels, elementwise_affine=True, eps=1e-6)
         self.norm3 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
         self.self_attn = MultiHeadAttention(channels, num_heads, type="self", qk_rms_norm=qk_rms_norm)
-        self.cross_attn = MultiHeadAttention(channels, num_heads, ctx_channels, type="cross", qk_rms_norm=qk_rms_norm_cross)
+        self.cross_attn = MultiHeadAttention(
+            channels, num_heads, ctx_channels, type="cross", qk_rms_norm=qk_rms_norm_cross
+        )
         self.mlp = FeedForwardNet(channels, mlp_ratio)
         if not share_mod:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
@@ -175,10 +192,25 @@ def _cast_torso(modules: Sequence[nn.Module], dtype, kinds) -> None:
 class SparseStructureFlowModel(nn.Module):
     """§2: the stage-1 flow DiT ('ape' only: TRELLIS's dense-rope path is not part of the release)."""
 
-    def __init__(self, resolution: int, in_channels: int, model_channels: int, cond_channels: int, out_channels: int,
-                 num_blocks: int, num_heads: Optional[int] = None, num_head_channels: int = 64, mlp_ratio: float = 4,
-                 patch_size: int = 2, pe_mode: str = "ape", use_fp16: bool = False, use_checkpoint: bool = False,
-                 share_mod: bool = False, qk_rms_norm: bool = False, qk_rms_norm_cross: bool = False):
+    def __init__(
+        self,
+        resolution: int,
+        in_channels: int,
+        model_channels: int,
+        cond_channels: int,
+        out_channels: int,
+        num_blocks: int,
+        num_heads: Optional[int] = None,
+        num_head_channels: int = 64,
+        mlp_ratio: float = 4,
+        patch_size: int = 2,
+        pe_mode: str = "ape",
+        use_fp16: bool = False,
+        use_checkpoint: bool = False,
+        share_mod: bool = False,
+        qk_rms_norm: bool = False,
+        qk_rms_norm_cross: bool = False,
+    ):
         super().__init__()
         if pe_mode != "ape":
             raise NotImplementedError("twin covers pe_mode='ape' only")
@@ -190,11 +222,14 @@ class SparseStructureFlowModel(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(model_channels, 6 * model_channels))
         self.register_buffer("pos_emb", ape(grid(resolution // patch_size), model_channels))
         self.input_layer = nn.Linear(in_channels * patch_size**3, model_channels)
-        self.blocks = nn.ModuleList([
-            ModulatedTransformerCrossBlock(model_channels, cond_channels, heads, mlp_ratio, qk_rms_norm,
-                                           qk_rms_norm_cross, share_mod)
-            for _ in range(num_blocks)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                ModulatedTransformerCrossBlock(
+                    model_channels, cond_channels, heads, mlp_ratio, qk_rms_norm, qk_rms_norm_cross, share_mod
+                )
+                for _ in range(num_blocks)
+            ]
+        )
         self.out_layer = nn.Linear(model_channels, out_channels * patch_size**3)
         self.dtype = torch.float32
         if use_fp16:
@@ -279,8 +314,16 @@ class UpsampleBlock3d(nn.Module):
 class SparseStructureDecoder(nn.Module):
     """§3.2: input conv (fp32), middle ResBlocks, ResBlocks + upsamplers (torso, fp16 when asked), norm-SiLU-conv out."""
 
-    def __init__(self, out_channels: int, latent_channels: int, num_res_blocks: int, channels: Sequence[int],
-                 num_res_blocks_middle: int = 2, norm_type: str = "layer", use_fp16: bool = False):
+    def __init__(
+        self,
+        out_channels: int,
+        latent_channels: int,
+        num_res_blocks: int,
+        channels: Sequence[int],
+        num_res_blocks_middle: int = 2,
+        norm_type: str = "layer",
+        use_fp16: bool = False,
+    ):
         super().__init__()
         ch = list(channels)
         self.input_layer = nn.Conv3d(latent_channels, ch[0], 3, padding=1)
@@ -291,7 +334,9 @@ class SparseStructureDecoder(nn.Module):
             if i + 1 < len(ch):
                 blocks.append(UpsampleBlock3d(c, ch[i + 1]))
         self.blocks = nn.ModuleList(blocks)
-        self.out_layer = nn.Sequential(make_norm(norm_type, ch[-1]), nn.SiLU(), nn.Conv3d(ch[-1], out_channels, 3, padding=1))
+        self.out_layer = nn.Sequential(
+            make_norm(norm_type, ch[-1]), nn.SiLU(), nn.Conv3d(ch[-1], out_channels, 3, padding=1)
+        )
         self.dtype = torch.float32
         if use_fp16:
             self.to_fp16()
@@ -337,8 +382,17 @@ class FlowEulerGuidanceIntervalSampler:
         return call(cond)
 
     @torch.no_grad()
-    def sample(self, model, noise, cond, neg_cond, steps: int = 50, rescale_t: float = 1.0,
-               cfg_strength: float = 3.0, cfg_interval=(0.0, 1.0)):
+    def sample(
+        self,
+        model,
+        noise,
+        cond,
+        neg_cond,
+        steps: int = 50,
+        rescale_t: float = 1.0,
+        cfg_strength: float = 3.0,
+        cfg_interval=(0.0, 1.0),
+    ):
         """Returns (samples, [x0 prediction per step])."""
         s = np.linspace(1.0, 0.0, steps + 1)
         ts = rescale_t * s / (1 + (rescale_t - 1) * s)
