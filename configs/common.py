@@ -13,7 +13,9 @@ import os
 
 import ml_collections
 
+from dso_jax import lora, sampling
 from dso_jax.convert import trellis
+from dso_jax.physics.metrics import STABLE_THRESHOLD_DEG
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,9 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attn_impl = "auto"  # 'auto' | 'xla' | 'cudnn'
 
     c.lora = ml_collections.ConfigDict()
-    c.lora.rank = 64
-    c.lora.alpha = 128.0
-    c.lora.targets = ("to_q", "to_kv", "to_out", "to_qkv")
+    c.lora.rank = lora.DSO_RANK
+    c.lora.alpha = lora.DSO_ALPHA
+    c.lora.targets = lora.DEFAULT_TARGETS
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-6
@@ -80,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.kind = "tfds"  # 'tfds': a dataset built by dso_jax.data.tfds_dso | 'synthetic': made in the workdir
     c.data.path = ""  # the TFDS dataset directory (or its data_dir)
-    c.data.stable_threshold = 20.0  # degrees; stable iff angle < threshold (DSO's training label)
+    c.data.stable_threshold = STABLE_THRESHOLD_DEG  # degrees; stable iff angle < threshold (DSO's training label)
     c.data.prefetch = 2  # batches loaded ahead by a host thread
     c.data.workers = 4  # host threads reading records
     c.data.synthetic = ml_collections.ConfigDict()
@@ -96,11 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.distributed = False  # call jax.distributed.initialize() (multi-host)
 
     # Online mode (config.mode = "online"): the sampler of the fresh candidates, and how many per condition.
-    c.sampler = ml_collections.ConfigDict()
-    c.sampler.steps = 12
-    c.sampler.cfg_strength = 7.5
-    c.sampler.cfg_interval = (0.5, 1.0)
-    c.sampler.rescale_t = 3.0
+    c.sampler = ml_collections.ConfigDict(sampling.DSO_STAGE1.to_dict())  # steps, cfg_strength, cfg_interval, rescale_t
 
     c.online = ml_collections.ConfigDict()
     c.online.num_candidates = 4  # samples drawn per condition before labelling (train.batch_size conditions per device)
@@ -127,7 +125,15 @@ def get_config() -> ml_collections.ConfigDict:
 def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A CPU-sized run: tiny DiT, synthetic data, a few dozen steps, a larger lr so the loss moves."""
     c.model.args = ml_collections.ConfigDict(
-        dict(TRELLIS_SS_FLOW_ARGS, resolution=8, model_channels=32, cond_channels=16, num_blocks=2, num_heads=2, use_fp16=False)
+        dict(
+            TRELLIS_SS_FLOW_ARGS,
+            resolution=8,
+            model_channels=32,
+            cond_channels=16,
+            num_blocks=2,
+            num_heads=2,
+            use_fp16=False,
+        )
     )
     c.model.compute_dtype = "float32"
     c.model.remat = False

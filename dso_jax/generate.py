@@ -43,7 +43,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from dso_jax import mesh_export, sampling
+from dso_jax import lora, mesh_export, sampling
 from dso_jax.convert import trellis
 from dso_jax.convert.rules import sha256_file
 from dso_jax.convert.trellis import write_json
@@ -57,24 +57,32 @@ from dso_jax.models.ss_decoder import occupancy_from_logits
 RANDOM_PRESETS = {
     "released": (trellis.RELEASED_FLOW_ARGS, trellis.RELEASED_DECODER_ARGS, "vitl14_reg4"),
     "tiny": (
-        dict(resolution=16, in_channels=8, out_channels=8, model_channels=32, cond_channels=64, num_blocks=2,
-             num_heads=2, mlp_ratio=4, patch_size=2, pe_mode="ape", qk_rms_norm=True, use_fp16=False),
-        dict(out_channels=1, latent_channels=8, num_res_blocks=1, num_res_blocks_middle=1, channels=[16, 8, 8],
-             use_fp16=False),
-        "tiny_reg4"),
+        dict(
+            resolution=16,
+            in_channels=8,
+            out_channels=8,
+            model_channels=32,
+            cond_channels=64,
+            num_blocks=2,
+            num_heads=2,
+            mlp_ratio=4,
+            patch_size=2,
+            pe_mode="ape",
+            qk_rms_norm=True,
+            use_fp16=False,
+        ),
+        dict(
+            out_channels=1,
+            latent_channels=8,
+            num_res_blocks=1,
+            num_res_blocks_middle=1,
+            channels=[16, 8, 8],
+            use_fp16=False,
+        ),
+        "tiny_reg4",
+    ),
 }
-DSO_LORA_ALPHA = 128.0  # peft files do not store alpha; DSO trained with 128
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerSettings:
-    """Stage-1 sampler. Defaults: 12 steps, CFG 7.5 (TRELLIS's README/app values, used by DSO for data,
-    eval and its example); cfg_interval and rescale_t from TRELLIS's pipeline.json (which says 25 / 5.0)."""
-
-    steps: int = 12
-    cfg_strength: float = 7.5
-    cfg_interval: tuple = (0.5, 1.0)
-    rescale_t: float = 3.0
+DSO_LORA_ALPHA = lora.DSO_ALPHA  # peft files do not store alpha; DSO trained with 128
 
 
 @dataclasses.dataclass
@@ -138,8 +146,14 @@ def _random_model(name: str, args: dict, seed: int):
     return pretrained.make_apply_fn(module), random_params(pretrained.abstract_params(module), seed)
 
 
-def load_models(flow: Optional[str] = None, decoder: Optional[str] = None, dinov2_path: Optional[str] = None, *,
-                random_weights: Optional[str] = None, seed: int = 0) -> Models:
+def load_models(
+    flow: Optional[str] = None,
+    decoder: Optional[str] = None,
+    dinov2_path: Optional[str] = None,
+    *,
+    random_weights: Optional[str] = None,
+    seed: int = 0,
+) -> Models:
     """Load the three models from paths (converted folders / TRELLIS prefixes / DINOv2 .pth). With
     ``random_weights`` ('released' | 'tiny'), the models without a path get random weights of that preset."""
     if random_weights is not None and random_weights not in RANDOM_PRESETS:
@@ -149,8 +163,9 @@ def load_models(flow: Optional[str] = None, decoder: Optional[str] = None, dinov
         raise ValueError(f"no path for {', '.join(missing)}; pass them or --random_weights released|tiny")
     preset = RANDOM_PRESETS.get(random_weights or "tiny")
     f_apply, f_params = pretrained.load_pretrained(flow) if flow else _random_model(trellis.FLOW, preset[0], seed)
-    d_apply, d_params = (pretrained.load_pretrained(decoder) if decoder
-                         else _random_model(trellis.DECODER, preset[1], seed + 1))
+    d_apply, d_params = (
+        pretrained.load_pretrained(decoder) if decoder else _random_model(trellis.DECODER, preset[1], seed + 1)
+    )
     if dinov2_path:
         g_cfg, g_params = load_dinov2(dinov2_path)
     else:
@@ -162,14 +177,14 @@ def load_models(flow: Optional[str] = None, decoder: Optional[str] = None, dinov
     if fm.out_channels != dm.latent_channels:
         raise ValueError(f"flow out_channels {fm.out_channels} != decoder latent_channels {dm.latent_channels}")
     name = lambda p: os.path.abspath(p) if p else f"random:{random_weights}"  # noqa: E731
-    source = dict(flow=name(flow), decoder=name(decoder), dinov2=name(dinov2_path),
-                  weights_seed=seed if missing else None)
+    source = dict(
+        flow=name(flow), decoder=name(decoder), dinov2=name(dinov2_path), weights_seed=seed if missing else None
+    )
     return Models(f_apply, f_params, d_apply, d_params, g_cfg, jax.tree.map(jnp.asarray, g_params), source)
 
 
 def with_lora(models: Models, path: str, alpha: float = DSO_LORA_ALPHA) -> Models:
     """``models`` with a peft LoRA file (DSO's full state dict or adapter-only) merged into the flow."""
-    from dso_jax import lora
 
     overlay = lora.load_peft(path, models.flow_params, alpha=alpha, targets=None)
     source = dict(models.source, lora=os.path.abspath(path), lora_alpha=float(alpha))
@@ -180,7 +195,7 @@ def with_lora(models: Models, path: str, alpha: float = DSO_LORA_ALPHA) -> Model
 
 
 @functools.lru_cache(maxsize=16)
-def _pipeline_fn(flow_module, dec_module, dino_cfg, dino_dtype, sampler: SamplerSettings):
+def _pipeline_fn(flow_module, dec_module, dino_cfg, dino_dtype, sampler: sampling.SamplerSettings):
     """jit(images (I, 518, 518, 3) uint8, noise (K, C, R, R, R)) -> dict; rows are image-major (I*K)."""
     flow_apply, dec_apply = pretrained.make_apply_fn(flow_module), pretrained.make_apply_fn(dec_module)
 
@@ -228,8 +243,15 @@ def load_noise(path: str, num_samples: int, shape: Sequence[int]) -> np.ndarray:
 class Generator:
     """The jitted pipeline over a batch of images x K noises; params pre-cast to each model's dtype."""
 
-    def __init__(self, models: Models, sampler: SamplerSettings = SamplerSettings(), *, images_per_batch: int = 4,
-                 dinov2_dtype=jnp.float32, physics: Optional[ml_collections.ConfigDict] = None):
+    def __init__(
+        self,
+        models: Models,
+        sampler: sampling.SamplerSettings = sampling.DSO_STAGE1,
+        *,
+        images_per_batch: int = 4,
+        dinov2_dtype=jnp.float32,
+        physics: Optional[ml_collections.ConfigDict] = None,
+    ):
         self.models, self.sampler, self.images_per_batch = models, sampler, int(images_per_batch)
         self.dinov2_dtype = jnp.dtype(dinov2_dtype)
         self.physics = physics
@@ -274,8 +296,10 @@ def output_names(paths: Sequence[str], naming_level: int = 1) -> list[str]:
     if naming_level not in (1, 2):
         raise ValueError(f"naming_level must be 1 or 2, got {naming_level}")
     stem = lambda p: os.path.splitext(os.path.basename(p))[0]  # noqa: E731
-    names = [stem(p) if naming_level == 1 else f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}-{stem(p)}"
-             for p in paths]
+    names = [
+        stem(p) if naming_level == 1 else f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}-{stem(p)}"
+        for p in paths
+    ]
     dup = sorted(n for n, c in collections.Counter(names).items() if c > 1)
     if dup:
         raise ValueError(f"images share output names {dup[:3]}; use naming level 2 ({{parent}}-{{stem}})")
@@ -291,7 +315,7 @@ def _save_npy(path: str, arr: np.ndarray) -> None:
 def _pipelined(gen: Generator, paths: Sequence[str], noise, load_kwargs, simulate, consume, failures, bar):
     """Load chunk i+1 and write chunk i-1 on the host while the device computes chunk i."""
     pending, paths, n = None, list(paths), gen.images_per_batch
-    for chunk in (paths[i:i + n] for i in range(0, len(paths), n)):
+    for chunk in (paths[i : i + n] for i in range(0, len(paths), n)):
         images, errors = load_images(chunk, **load_kwargs)
         failures.update({p: r.removeprefix(f"{p}: ") for p, r in errors.items()})
         ok = [p for p in chunk if p not in errors]
@@ -307,10 +331,19 @@ def _pipelined(gen: Generator, paths: Sequence[str], noise, load_kwargs, simulat
 # ---------------------------------------------------------------------------------------------- sample
 
 
-def sample_images(gen: Generator, paths: Sequence[str], out_dir: str, *, num_samples: int = 1, seed: int = 0,
-                  names: Optional[Sequence[str]] = None, noise: Optional[np.ndarray] = None,
-                  background=None, smooth_iterations: int = mesh_export.SMOOTH_ITERATIONS,
-                  log: Callable[[str], None] = print) -> dict:
+def sample_images(
+    gen: Generator,
+    paths: Sequence[str],
+    out_dir: str,
+    *,
+    num_samples: int = 1,
+    seed: int = 0,
+    names: Optional[Sequence[str]] = None,
+    noise: Optional[np.ndarray] = None,
+    background=None,
+    smooth_iterations: int = mesh_export.SMOOTH_ITERATIONS,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Per image and sample k (seed ``seed + k``): ``{name}_{k:03d}.glb``, ``_ss_latent.npy``, ``_coords.npy``.
 
     Images whose files all exist are skipped (resume; ``OUT/settings.json`` must match). Writes
@@ -321,15 +354,22 @@ def sample_images(gen: Generator, paths: Sequence[str], out_dir: str, *, num_sam
     noise = noise_for_seeds(seeds, gen.models.latent_shape) if noise is None else noise
     os.makedirs(out_dir, exist_ok=True)
     suffix = dict(glb=".glb", latent="_ss_latent.npy", coords="_coords.npy")
-    files = lambda name, k: {key: os.path.join(out_dir, f"{name}_{k:03d}{ext}")  # noqa: E731
-                             for key, ext in suffix.items()}
-    done = {p for p, n in zip(paths, names)
-            if all(os.path.exists(f) for k in range(num_samples) for f in files(n, k).values())}
+    files = lambda name, k: {
+        key: os.path.join(out_dir, f"{name}_{k:03d}{ext}")  # noqa: E731
+        for key, ext in suffix.items()
+    }
+    done = {
+        p
+        for p, n in zip(paths, names)
+        if all(os.path.exists(f) for k in range(num_samples) for f in files(n, k).values())
+    }
     todo = [p for p in paths if p not in done]
     name_of = dict(zip(paths, names))
     failures: dict = {}
-    _check_settings(os.path.join(out_dir, "settings.json"),
-                    dict(seeds=seeds, sampler=dataclasses.asdict(gen.sampler), models=gen.models.source))
+    _check_settings(
+        os.path.join(out_dir, "settings.json"),
+        dict(seeds=seeds, sampler=dataclasses.asdict(gen.sampler), models=gen.models.source),
+    )
     manifest = {"images": {}}
 
     def consume(ok, out):
@@ -360,16 +400,28 @@ def sample_images(gen: Generator, paths: Sequence[str], out_dir: str, *, num_sam
         with open(prev) as f:
             manifest["images"] = {**json.load(f).get("images", {}), **manifest["images"]}
     write_json(prev, manifest, sort_keys=True)
-    log(f"sample: {len(todo) - sum(1 for p in todo if p in failures)} images generated, {len(done)} already done, "
-        f"{len(failures)} failures -> {out_dir}")
+    log(
+        f"sample: {len(todo) - sum(1 for p in todo if p in failures)} images generated, {len(done)} already done, "
+        f"{len(failures)} failures -> {out_dir}"
+    )
     for key, reason in failures.items():
         log(f"  failed {key}: {reason}")
     return manifest
 
 
-def generate_eval(gen: Generator, paths: Sequence[str], out_dir: str, *, lora: Optional[str] = None,
-                  lora_alpha: float = DSO_LORA_ALPHA, ids: Optional[Sequence[str]] = None, seed: int = 1,
-                  num_samples: int = 1, background=None, log: Callable[[str], None] = print) -> dict:
+def generate_eval(
+    gen: Generator,
+    paths: Sequence[str],
+    out_dir: str,
+    *,
+    lora: Optional[str] = None,
+    lora_alpha: float = DSO_LORA_ALPHA,
+    ids: Optional[Sequence[str]] = None,
+    seed: int = 1,
+    num_samples: int = 1,
+    background=None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """DSO's ``finetune.py --eval``: meshes ``{uid}-{view}_{k:03d}.glb`` under ``OUT/base`` and, with a LoRA,
     ``OUT/lora`` (same seeds/noise). ``ids`` (object uids) filters the images only when given, and an
     empty result is an error (DSO applied its Objaverse id filter to every eval set, dropping all real images)."""
@@ -384,10 +436,25 @@ def generate_eval(gen: Generator, paths: Sequence[str], out_dir: str, *, lora: O
     names = output_names(paths, naming_level=2)
     runs = {"base": gen}
     if lora:
-        runs["lora"] = Generator(with_lora(gen.models, lora, lora_alpha), gen.sampler,
-                                 images_per_batch=gen.images_per_batch, dinov2_dtype=gen.dinov2_dtype)
-    return {tag: sample_images(g, paths, os.path.join(out_dir, tag), num_samples=num_samples, seed=seed, names=names,
-                               background=background, log=log) for tag, g in runs.items()}
+        runs["lora"] = Generator(
+            with_lora(gen.models, lora, lora_alpha),
+            gen.sampler,
+            images_per_batch=gen.images_per_batch,
+            dinov2_dtype=gen.dinov2_dtype,
+        )
+    return {
+        tag: sample_images(
+            g,
+            paths,
+            os.path.join(out_dir, tag),
+            num_samples=num_samples,
+            seed=seed,
+            names=names,
+            background=background,
+            log=log,
+        )
+        for tag, g in runs.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -404,9 +471,15 @@ def _settings(gen: Generator, num_samples: int, seed: int, noise_file: Optional[
     noise = None
     if noise_file:
         noise = dict(path=os.path.abspath(noise_file), sha256=sha256_file(noise_file))
-    return dict(sampler=dataclasses.asdict(gen.sampler), num_samples=num_samples, noise_file=noise,
-                seeds=[seed + k for k in range(num_samples)], models=gen.models.source, physics=gen.physics.to_dict(),
-                latent_shape=list(gen.models.latent_shape))
+    return dict(
+        sampler=dataclasses.asdict(gen.sampler),
+        num_samples=num_samples,
+        noise_file=noise,
+        seeds=[seed + k for k in range(num_samples)],
+        models=gen.models.source,
+        physics=gen.physics.to_dict(),
+        latent_shape=list(gen.models.latent_shape),
+    )
 
 
 def _check_settings(path: str, settings: dict) -> None:
@@ -419,8 +492,10 @@ def _check_settings(path: str, settings: dict) -> None:
         old = json.load(f)
     diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if diff:
-        raise ValueError(f"{path}: this run's settings differ from the recorded ones at {diff} "
-                         f"(e.g. {diff[0]}: {old.get(diff[0])!r} -> {settings.get(diff[0])!r}); use another --out")
+        raise ValueError(
+            f"{path}: this run's settings differ from the recorded ones at {diff} "
+            f"(e.g. {diff[0]}: {old.get(diff[0])!r} -> {settings.get(diff[0])!r}); use another --out"
+        )
 
 
 def dataset_records(work_dir: str):
@@ -429,8 +504,12 @@ def dataset_records(work_dir: str):
     View ids are the image stems when all are integers (DSO's ``000.png``), else their sorted positions.
     Samples whose simulation is invalid (empty occupancy) are left out, as DSO drops failed simulations.
     """
-    objects = sorted({os.path.relpath(os.path.dirname(p), work_dir)
-                      for p in glob.glob(os.path.join(glob.escape(work_dir), "**", "*.npz"), recursive=True)})
+    objects = sorted(
+        {
+            os.path.relpath(os.path.dirname(p), work_dir)
+            for p in glob.glob(os.path.join(glob.escape(work_dir), "**", "*.npz"), recursive=True)
+        }
+    )
     for obj in objects:
         files = sorted(glob.glob(os.path.join(glob.escape(os.path.join(work_dir, obj)), "*.npz")))
         stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
@@ -446,9 +525,15 @@ def dataset_records(work_dir: str):
                 lat_img.append(np.full(int(keep.sum()), view))
         if sum(len(a) for a in angles) == 0:
             continue
-        yield dict(object_id=obj, image_ids=np.asarray(ids, np.int32), cond=np.stack(cond),
-                   latents=np.concatenate(lat), latent_image_ids=np.concatenate(lat_img),
-                   latent_glb_ids=np.concatenate(lat_k), angles=np.concatenate(angles))
+        yield dict(
+            object_id=obj,
+            image_ids=np.asarray(ids, np.int32),
+            cond=np.stack(cond),
+            latents=np.concatenate(lat),
+            latent_image_ids=np.concatenate(lat_img),
+            latent_glb_ids=np.concatenate(lat_k),
+            angles=np.concatenate(angles),
+        )
 
 
 def build_tfds(out_dir: str, work_dir: str, num_models_per_image: int) -> str:
@@ -471,9 +556,17 @@ def build_tfds(out_dir: str, work_dir: str, num_models_per_image: int) -> str:
     return tfds_dso.find_dataset_dir(out_dir)
 
 
-def generate_dataset(gen: Generator, paths: Sequence[str], out_dir: str, *, num_samples: int = 4, seed: int = 0,
-                     noise_file: Optional[str] = None, background=None,
-                     log: Callable[[str], None] = print) -> dict:
+def generate_dataset(
+    gen: Generator,
+    paths: Sequence[str],
+    out_dir: str,
+    *,
+    num_samples: int = 4,
+    seed: int = 0,
+    noise_file: Optional[str] = None,
+    background=None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """DSO's data generation into ``out_dir`` (``objects/``, ``failures.json``, ``generation.json``,
     ``summary.json`` and the TFDS dataset ``dso_pairs/``); resumable. Returns the summary."""
     if gen.physics is None:
@@ -481,10 +574,15 @@ def generate_dataset(gen: Generator, paths: Sequence[str], out_dir: str, *, num_
     work = os.path.join(out_dir, "objects")
     os.makedirs(work, exist_ok=True)
     _check_settings(os.path.join(out_dir, "generation.json"), _settings(gen, num_samples, seed, noise_file))
-    noise = (load_noise(noise_file, num_samples, gen.models.latent_shape) if noise_file
-             else noise_for_seeds([seed + k for k in range(num_samples)], gen.models.latent_shape))
-    target = {p: os.path.join(work, obj, os.path.splitext(os.path.basename(p))[0] + ".npz")
-              for p, obj in zip(paths, object_ids(paths))}
+    noise = (
+        load_noise(noise_file, num_samples, gen.models.latent_shape)
+        if noise_file
+        else noise_for_seeds([seed + k for k in range(num_samples)], gen.models.latent_shape)
+    )
+    target = {
+        p: os.path.join(work, obj, os.path.splitext(os.path.basename(p))[0] + ".npz")
+        for p, obj in zip(paths, object_ids(paths))
+    }
     clash = sorted(t for t, c in collections.Counter(target.values()).items() if c > 1)
     if clash:
         raise ValueError(f"several images map to the same work file, e.g. {clash[0]} (same stem in one folder)")
@@ -499,10 +597,15 @@ def generate_dataset(gen: Generator, paths: Sequence[str], out_dir: str, *, num_
             rows = slice(i * k, (i + 1) * k)
             os.makedirs(os.path.dirname(target[path]), exist_ok=True)
             with open(target[path] + ".tmp", "wb") as f:  # bf16 stored as its bits; renamed when complete
-                np.savez(f, cond_bits=np.asarray(out["cond"][i]).view(np.uint16),
-                         latent_bits=np.asarray(out["latents"][rows]).astype(ml_dtypes.bfloat16).view(np.uint16),
-                         angle=np.asarray(out["angle"][rows], np.float32), stable=np.asarray(out["stable"][rows]),
-                         valid=np.asarray(out["valid"][rows]), image=os.path.abspath(path))
+                np.savez(
+                    f,
+                    cond_bits=np.asarray(out["cond"][i]).view(np.uint16),
+                    latent_bits=np.asarray(out["latents"][rows]).astype(ml_dtypes.bfloat16).view(np.uint16),
+                    angle=np.asarray(out["angle"][rows], np.float32),
+                    stable=np.asarray(out["stable"][rows]),
+                    valid=np.asarray(out["valid"][rows]),
+                    image=os.path.abspath(path),
+                )
             os.replace(target[path] + ".tmp", target[path])
             stats["samples"] += k
             stats["stable"] += int(np.sum(out["stable"][rows]))
@@ -519,13 +622,23 @@ def generate_dataset(gen: Generator, paths: Sequence[str], out_dir: str, *, num_
 
         dataset = build_tfds(out_dir, work, num_models_per_image=num_samples)
         objects = len(tfds_dso.open_dataset(dataset)[1]["objects"])
-    summary = dict(images=len(paths), skipped_done=len(paths) - len(todo), generated=len(todo) - len(failures),
-                   failed=len(failures), samples=stats["samples"], stable=stats["stable"], invalid=stats["invalid"],
-                   objects=objects, dataset=dataset)
+    summary = dict(
+        images=len(paths),
+        skipped_done=len(paths) - len(todo),
+        generated=len(todo) - len(failures),
+        failed=len(failures),
+        samples=stats["samples"],
+        stable=stats["stable"],
+        invalid=stats["invalid"],
+        objects=objects,
+        dataset=dataset,
+    )
     write_json(os.path.join(out_dir, "summary.json"), summary, sort_keys=True)
-    log(f"generate: {summary['generated']} images generated, {summary['skipped_done']} already done, "
+    log(
+        f"generate: {summary['generated']} images generated, {summary['skipped_done']} already done, "
         f"{summary['failed']} failed; {summary['samples']} samples this run ({summary['stable']} stable, "
-        f"{summary['invalid']} empty); dataset {dataset or 'not written (no usable sample)'} ({objects} objects)")
+        f"{summary['invalid']} empty); dataset {dataset or 'not written (no usable sample)'} ({objects} objects)"
+    )
     for key, reason in failures.items():
         log(f"  failed {key}: {reason}")
     return summary
@@ -536,12 +649,16 @@ def generate_dataset(gen: Generator, paths: Sequence[str], out_dir: str, *, num_
 
 def add_model_args(ap) -> None:
     """The model / sampler flags shared by ``scripts/{sample,generate_data,generate_eval}.py``."""
-    s = SamplerSettings()
+    s = sampling.DSO_STAGE1
     ap.add_argument("--flow", default="", help="SS flow: converted folder or TRELLIS prefix (.../ckpts/NAME)")
     ap.add_argument("--decoder", default="", help="SS decoder: converted folder or TRELLIS prefix")
     ap.add_argument("--dinov2", default="", help="DINOv2: converted folder (scripts/convert_dinov2.py) or the hub .pth")
-    ap.add_argument("--random_weights", default=None, choices=sorted(RANDOM_PRESETS),
-                    help="random weights of this preset for the models without a path (demos, benchmarks)")
+    ap.add_argument(
+        "--random_weights",
+        default=None,
+        choices=sorted(RANDOM_PRESETS),
+        help="random weights of this preset for the models without a path (demos, benchmarks)",
+    )
     ap.add_argument("--weights_seed", type=int, default=0, help="seed of --random_weights")
     ap.add_argument("--steps", type=int, default=s.steps)
     ap.add_argument("--cfg_strength", type=float, default=s.cfg_strength)
@@ -549,15 +666,27 @@ def add_model_args(ap) -> None:
     ap.add_argument("--rescale_t", type=float, default=s.rescale_t)
     ap.add_argument("--batch_images", type=int, default=4, help="images per device batch (x samples per image rows)")
     ap.add_argument("--dinov2_dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--background", default=None, type=parse_color, help="RGB images without alpha: background colour to key out (R,G,B)")
+    ap.add_argument(
+        "--background",
+        default=None,
+        type=parse_color,
+        help="RGB images without alpha: background colour to key out (R,G,B)",
+    )
 
 
-def generator_from_args(args, physics=None, lora: Optional[str] = None,
-                        lora_alpha: float = DSO_LORA_ALPHA) -> Generator:
-    models = load_models(args.flow or None, args.decoder or None, args.dinov2 or None,
-                         random_weights=args.random_weights, seed=args.weights_seed)
+def generator_from_args(
+    args, physics=None, lora: Optional[str] = None, lora_alpha: float = DSO_LORA_ALPHA
+) -> Generator:
+    models = load_models(
+        args.flow or None,
+        args.decoder or None,
+        args.dinov2 or None,
+        random_weights=args.random_weights,
+        seed=args.weights_seed,
+    )
     if lora:
         models = with_lora(models, lora, lora_alpha)
-    sampler = SamplerSettings(args.steps, args.cfg_strength, tuple(args.cfg_interval), args.rescale_t)
-    return Generator(models, sampler, images_per_batch=args.batch_images, dinov2_dtype=args.dinov2_dtype,
-                     physics=physics)
+    sampler = sampling.SamplerSettings(args.steps, args.cfg_strength, tuple(args.cfg_interval), args.rescale_t)
+    return Generator(
+        models, sampler, images_per_batch=args.batch_images, dinov2_dtype=args.dinov2_dtype, physics=physics
+    )

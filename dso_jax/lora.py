@@ -26,6 +26,7 @@ import numpy as np
 from flax.core import FrozenDict
 
 DEFAULT_TARGETS = ("to_q", "to_kv", "to_out", "to_qkv")  # DSO's LoraConfig.target_modules
+DSO_RANK, DSO_ALPHA = 64, 128.0  # DSO's LoraConfig(r=64, lora_alpha=128): the defaults of configs and loaders
 PEFT_PREFIX = "base_model.model."
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers, stripped on load
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.(?P<leaf>weight|bias)$")
@@ -139,7 +140,9 @@ def merge(base_params, overlay: Overlay):
             if not isinstance(node, Mapping) or "kernel" not in node:
                 raise KeyError(f"merge: overlay module {'/'.join(path)} has no kernel in the base params")
             kernel = node["kernel"]
-            delta = jnp.matmul(fac["a"].astype(jnp.float32), fac["b"].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+            delta = jnp.matmul(
+                fac["a"].astype(jnp.float32), fac["b"].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+            )
             out = dict(node)
             out["kernel"] = (kernel.astype(jnp.float32) + overlay.scale * delta).astype(kernel.dtype)
             return out
@@ -249,7 +252,9 @@ def load_peft(
     if len(adapters) > 1:
         raise ValueError(f"load_peft: {source} holds several adapters {sorted(adapters)}; save one adapter per file")
 
-    known = {torch_name(p): p for p in target_paths(base_params, targets if targets is not None else _all_names(base_params))}
+    known = {
+        torch_name(p): p for p in target_paths(base_params, targets if targets is not None else _all_names(base_params))
+    }
     unknown = sorted(set(by_module) - set(known))
     if unknown:
         raise ValueError(
@@ -322,7 +327,9 @@ def _trellis_config(config, buffers):
     needed = [e.torch_key for e in trellis.key_table(json_cfg) if e.kind == rules.BUFFER]
     missing = [k for k in needed if buffers is None or k not in buffers]
     if missing:
-        raise ValueError(f"save_peft: the state dict needs the buffers {missing}; pass buffers= or config=apply_fn.module")
+        raise ValueError(
+            f"save_peft: the state dict needs the buffers {missing}; pass buffers= or config=apply_fn.module"
+        )
     return json_cfg, buffers
 
 
@@ -385,7 +392,9 @@ def save_peft(
         return
     from safetensors.numpy import save_file
 
-    state = peft_state_dict(base_params, overlay, full_state_dict=full_state_dict, config=config, buffers=buffers, base_dtype=base_dtype)
+    state = peft_state_dict(
+        base_params, overlay, full_state_dict=full_state_dict, config=config, buffers=buffers, base_dtype=base_dtype
+    )
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"

@@ -10,6 +10,7 @@ conditional and unconditional halves go through the model as one batch of 2B.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -19,6 +20,30 @@ import numpy as np
 from dso_jax.flow import TIME_SCALE
 
 ApplyFn = Callable[..., jax.Array]  # apply_fn(params, x (B,C,D,H,W), t (B,), cond (B,S,Cc)) -> v
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """The Euler guidance-interval sampler's parameters (the keys of pipeline.json's ``*_sampler.params``)."""
+
+    steps: int
+    cfg_strength: float
+    cfg_interval: tuple = (0.5, 1.0)
+    rescale_t: float = 3.0
+
+    def to_dict(self) -> dict:
+        return dict(
+            steps=self.steps,
+            cfg_strength=self.cfg_strength,
+            cfg_interval=tuple(self.cfg_interval),
+            rescale_t=self.rescale_t,
+        )
+
+
+# The presets, defined here once (trellis.md §1.1, §5; dso.md): every config, CLI and bench reads them.
+TRELLIS_PIPELINE = SamplerSettings(steps=25, cfg_strength=5.0)  # pipeline.json, both stages
+DSO_STAGE1 = SamplerSettings(steps=12, cfg_strength=7.5)  # TRELLIS's app/README; DSO's data, eval and example
+DSO_STAGE2 = SamplerSettings(steps=12, cfg_strength=3.0)  # TRELLIS's app/README; DSO's data generation
 
 
 def euler_schedule(steps: int, rescale_t: float) -> np.ndarray:
