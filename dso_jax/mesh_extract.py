@@ -30,6 +30,7 @@ import functools
 from typing import NamedTuple
 
 import numpy as np
+from scipy.special import expit
 
 MESH_RES = 256  # the mesh decoder's output grid: 64³ SLat subdivided twice (TRELLIS's SparseFeatures2Mesh res)
 SDF, DEFORM, WEIGHTS, COLOR = slice(0, 8), slice(8, 32), slice(32, 53), slice(53, 101)  # TRELLIS's layout order
@@ -127,7 +128,7 @@ def case_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    return expit(x).astype(np.float32)
 
 
 def _grid_position(keys: np.ndarray, res: int) -> np.ndarray:

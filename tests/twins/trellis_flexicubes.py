@@ -1,76 +1,34 @@
 """TRELLIS's own mesh extraction (``SparseFeatures2Mesh`` + its FlexiCubes fork) run from fetched sources, and
 synthetic mesh-decoder outputs to feed both it and :mod:`dso_jax.mesh_extract`.
 
-Test/bench-only. ``trellis_mesher(trellis_src, flexicubes_src)`` imports ``trellis/representations/mesh/
+Test/bench-only. ``trellis_mesher(trellis_src, flexicubes_src, res)`` imports ``trellis/representations/mesh/
 {cube2mesh,utils_cube}.py`` from a TRELLIS checkout and ``flexicubes.py``/``tables.py`` from a FlexiCubes
-checkout (TRELLIS's submodule folder is empty in an archive) without TRELLIS's package ``__init__`` files,
-stubbing what they import but this path never uses (``kaolin``'s ``check_tensor``, ``easydict``, the sparse
-``SparseTensor`` type), and builds it on the CPU.
+checkout (TRELLIS's submodule folder is empty in an archive) through :mod:`twins.trellis_import`, and builds
+``SparseFeatures2Mesh`` on the CPU.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import types
 
 import numpy as np
 
 from dso_jax import mesh_extract as mx
 
-
-def _stub_module(name: str, **attrs) -> types.ModuleType:
-    mod = types.ModuleType(name)
-    mod.__dict__.update(attrs)
-    sys.modules[name] = mod
-    return mod
-
-
-def _package(name: str, path: str) -> types.ModuleType:
-    return _stub_module(name, __path__=[path])
-
-
-class _EasyDict(dict):
-    """The slice of ``easydict.EasyDict`` cube2mesh uses: attribute access on nested dicts."""
-
-    def __init__(self, d=None):
-        super().__init__()
-        for k, v in (d or {}).items():
-            self[k] = _EasyDict(v) if isinstance(v, dict) else v
-
-    __getattr__ = dict.__getitem__
+from .trellis_import import trellis_modules
 
 
 def trellis_mesher(trellis_src: str, flexicubes_src: str, res: int):
     """A function ``(xyz (M, 3) int, feats (M, 101)) -> (vertices, faces, colors (V, 3))`` running TRELLIS's code."""
     import torch
 
-    mesh_dir = os.path.join(os.path.abspath(trellis_src), "trellis", "representations", "mesh")
-    fc_dir = os.path.abspath(flexicubes_src)
-    for path in (os.path.join(mesh_dir, "cube2mesh.py"), os.path.join(fc_dir, "flexicubes.py")):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found (pass a TRELLIS and a FlexiCubes checkout)")
-    ours = ("kaolin", "easydict", "trellis")  # the module names stubbed here, restored after the import
-    mine = lambda name: name.split(".")[0] in ours
-    saved = {k: v for k, v in sys.modules.items() if mine(k)}
-    try:
-        _stub_module("kaolin")
-        _stub_module("kaolin.utils")
-        _stub_module("kaolin.utils.testing", check_tensor=lambda *a, **k: True)
-        _stub_module("easydict", EasyDict=_EasyDict)
-        _package("trellis", os.path.join(os.path.abspath(trellis_src), "trellis"))
-        _package("trellis.modules", "")
-        _stub_module("trellis.modules.sparse", SparseTensor=object)
-        _package("trellis.representations", "")
-        _package("trellis.representations.mesh", mesh_dir)
-        _package("trellis.representations.mesh.flexicubes", fc_dir)
+    if not os.path.isfile(os.path.join(flexicubes_src, "flexicubes.py")):
+        raise FileNotFoundError(f"{flexicubes_src}/flexicubes.py not found (pass a FlexiCubes checkout)")
+    with trellis_modules(trellis_src, flexicubes_src):
         from trellis.representations.mesh.cube2mesh import SparseFeatures2Mesh
 
         extractor = SparseFeatures2Mesh(device="cpu", res=res, use_color=True)
-    finally:
-        for k in [k for k in sys.modules if mine(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved)
 
     def run(xyz, feats):
         st = types.SimpleNamespace(
