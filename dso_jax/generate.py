@@ -269,14 +269,14 @@ def generate_dataset(
     ``summary.json`` and the TFDS dataset ``dso_pairs/``); resumable. Returns the summary."""
     if gen.physics is None:
         raise ValueError("generate_dataset needs a Generator built with physics=<sim config>")
-    work = os.path.join(out_dir, "objects")
-    os.makedirs(work, exist_ok=True)
-    _check_settings(os.path.join(out_dir, "generation.json"), _settings(gen, num_samples, seed, noise_file))
-    noise = (
+    noise = (  # checked before anything is written
         load_noise(noise_file, num_samples, gen.models.latent_shape)
         if noise_file
         else noise_for_seeds([seed + k for k in range(num_samples)], gen.models.latent_shape)
     )
+    work = os.path.join(out_dir, "objects")
+    os.makedirs(work, exist_ok=True)
+    _check_settings(os.path.join(out_dir, "generation.json"), _settings(gen, num_samples, seed, noise_file))
     target = {
         p: os.path.join(work, obj, os.path.splitext(os.path.basename(p))[0] + ".npz")
         for p, obj in zip(paths, generated.object_ids(paths))

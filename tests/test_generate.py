@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pytest
 import trimesh
+from helpers_cli import error_line, run_script
 from PIL import Image
 
 from dso_jax import generate, lora, pipeline
@@ -277,3 +278,48 @@ def test_generate_eval_names_meshes_for_the_evaluators_with_and_without_lora(tmp
     ids.write_text("objaverse_only\n")
     with pytest.raises(ValueError, match="matches none"):
         _script("generate_eval")(["--images", str(images / "*" / "*.png"), "--out", str(out), "--ids", str(ids), *FAST])
+
+
+def test_a_lora_file_brings_its_own_alpha(sampled, peft_file, tmp_path):
+    image, _ = sampled
+    runs = {"explicit": ["--lora_alpha", "8"], "from_file": []}  # the file's metadata says alpha 8 (rank 4)
+    for name, extra in runs.items():
+        argv = ["--image", image, "--out", str(tmp_path / name), "--lora", peft_file, *extra, *FAST]
+        _script("sample")(argv)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "explicit" / "chair_000_ss_latent.npy"),
+        np.load(tmp_path / "from_file" / "chair_000_ss_latent.npy"),
+    )
+    models = _json(tmp_path / "from_file" / "settings.json")["models"]
+    assert (models["lora_alpha"], models["lora_rank"]) == (8.0, 4)  # not DSO's 128 (16x too strong here)
+
+
+def test_a_non_finite_sample_is_reported_as_such(sampled, tmp_path):
+    import jax
+
+    image, _ = sampled
+    models = pretrained.load_models(random_weights="tiny")
+    overlay = lora.init_overlay(jax.random.PRNGKey(1), models.flow_params, rank=4, alpha=8.0)
+    huge = overlay.replace(factors=jax.tree.map(lambda x: x * 0 + 1e20, overlay.factors))  # finite, overflows
+    path = str(tmp_path / "huge.safetensors")
+    peft.save_peft(path, models.flow_params, huge, full_state_dict=False)
+    out = tmp_path / "out"
+    rc, stdout, _ = run_script("sample", ["--image", image, "--out", out, "--lora", path, *FAST])
+    assert rc == 0
+    failures = _json(out / "failures.json")
+    assert failures == {f"{image} sample 0": generate.NONFINITE}
+    assert "non-finite sample" in stdout and not list(out.glob("*.glb")) and not list(out.glob("*.npy"))
+
+
+def test_a_full_disk_is_one_line(sampled, tmp_path, monkeypatch):
+    import errno
+
+    image, _ = sampled
+
+    def full(path, arr):
+        raise OSError(errno.ENOSPC, "No space left on device", path + ".tmp")
+
+    monkeypatch.setattr(generate, "_save_npy", full)
+    rc, _, err = run_script("sample", ["--image", image, "--out", tmp_path / "o", *FAST])
+    assert rc == 2 and "no space left on the device writing " in error_line(err)
+    assert "chair_000_ss_latent.npy.tmp" in error_line(err)
