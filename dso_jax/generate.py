@@ -34,13 +34,15 @@ import numpy as np
 from tqdm import tqdm
 
 from dso_jax import cli, mesh_export, sampling
+from dso_jax.convert.files import write_json
 from dso_jax.convert.rules import sha256_file
-from dso_jax.convert.trellis import write_json
 from dso_jax.data import generated
 from dso_jax.data.images import load_images, parse_color
 from dso_jax.models import pretrained
-from dso_jax.pipeline import Generator, load_noise, noise_for_seeds
+from dso_jax.pipeline import IMAGES_PER_BATCH, Generator, load_noise, noise_for_seeds
 
+DSO_DATA_SAMPLES = 4  # DSO's data: K latents per image, seeds 0..K-1
+DSO_EVAL_SEED = 1  # DSO's finetune.py --eval: one model per image with seed bid + 1
 NONFINITE = "non-finite sample: the stage-1 latent has NaN/Inf values (check the weights and the LoRA)"
 
 
@@ -191,7 +193,7 @@ def generate_eval(
     lora: Optional[str] = None,
     lora_alpha: Optional[float] = None,
     ids: Optional[Sequence[str]] = None,
-    seed: int = 1,
+    seed: int = DSO_EVAL_SEED,
     num_samples: int = 1,
     background=None,
     log: Callable[[str], None] = print,
@@ -259,7 +261,7 @@ def generate_dataset(
     paths: Sequence[str],
     out_dir: str,
     *,
-    num_samples: int = 4,
+    num_samples: int = DSO_DATA_SAMPLES,
     seed: int = 0,
     noise_file: Optional[str] = None,
     background=None,
@@ -366,7 +368,7 @@ def add_model_args(ap) -> None:
     ap.add_argument("--cfg_strength", type=cli.non_negative_float, default=s.cfg_strength)
     ap.add_argument("--cfg_interval", type=cli.non_negative_float, nargs=2, default=list(s.cfg_interval))
     ap.add_argument("--rescale_t", type=cli.positive_float, default=s.rescale_t)
-    ap.add_argument("--batch_images", type=cli.positive_int, default=4, help="images per device batch")
+    ap.add_argument("--batch_images", type=cli.positive_int, default=IMAGES_PER_BATCH, help="images per device batch")
     ap.add_argument("--dinov2_dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument(
         "--background",

@@ -29,6 +29,8 @@ from dso_jax.models import dinov2, pretrained
 from dso_jax.models.layers import cast_block_weights
 from dso_jax.models.ss_decoder import occupancy_from_logits
 
+IMAGES_PER_BATCH = 4  # images per device batch (x K noises = rows): one compiled shape per job
+
 
 @functools.lru_cache(maxsize=16)
 def _pipeline_fn(flow_module, dec_module, dino_cfg, dino_dtype, sampler: sampling.SamplerSettings):
@@ -98,7 +100,7 @@ class Generator:
         models: pretrained.Models,
         sampler: sampling.SamplerSettings = sampling.DSO_STAGE1,
         *,
-        images_per_batch: int = 4,
+        images_per_batch: int = IMAGES_PER_BATCH,
         dinov2_dtype=jnp.float32,
         physics: Optional[ml_collections.ConfigDict] = None,
     ):

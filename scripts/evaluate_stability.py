@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 from dso_jax import cli
+from dso_jax.physics.metrics import STABLE_THRESHOLD_DEG
 
 
 def _threshold(text: str) -> float:
@@ -69,7 +70,9 @@ def main(argv=None) -> int:
         action="store_false",
         help="keep the meshes' own scale and position (labels); DSO's evaluation rescales",
     )
-    parser.add_argument("--threshold", type=_threshold, default=None, help="stable iff angle < this (default 20)")
+    parser.add_argument(
+        "--threshold", type=_threshold, default=None, help=f"stable iff angle < this (default {STABLE_THRESHOLD_DEG:g})"
+    )
     parser.add_argument("--backend", default="mjx", choices=["mjx", "mujoco"])
     rollout.add_sim_args(parser, default_preset="mesh")
     parser.add_argument("--out", default=None, help="results JSON (and _hist.png beside it); default: write nothing")

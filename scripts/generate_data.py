@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     ap = cli.ArgumentParser(description=__doc__)
     ap.add_argument("--images", required=True, nargs="+", help='glob(s) such as "ROOT/category/*/*.png" (quote them)')
     ap.add_argument("--out", required=True, help="output directory (work files, failures.json, dso_pairs/)")
-    ap.add_argument("--num_samples", type=cli.positive_int, default=4, help="latents per image (DSO: 4)")
+    ap.add_argument("--num_samples", type=cli.positive_int, default=generate.DSO_DATA_SAMPLES, help="latents per image")
     ap.add_argument("--seed", type=cli.non_negative_int, default=0, help="sample k uses seed S + k (DSO: 0..3)")
     ap.add_argument("--noise_file", default="", help=".npy (num_samples, C, R, R, R): exact noise (e.g. TRELLIS's)")
     generate.add_lora_args(ap, "optional peft LoRA merged into the flow (iterated DSO)")

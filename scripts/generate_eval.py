@@ -37,7 +37,12 @@ def main(argv=None) -> int:
     generate.add_lora_args(ap, "peft LoRA safetensors (or peft folder); without it only OUT/base is written")
     ap.add_argument("--ids", default="", help="file of object uids (one per line) to keep")
     ap.add_argument("--num_samples", type=cli.positive_int, default=1, help="models per image (DSO: 1)")
-    ap.add_argument("--seed", type=cli.non_negative_int, default=1, help="sample k uses seed S + k (DSO: bid + 1)")
+    ap.add_argument(
+        "--seed",
+        type=cli.non_negative_int,
+        default=generate.DSO_EVAL_SEED,
+        help="sample k uses seed S + k (DSO: bid + 1)",
+    )
     generate.add_model_args(ap)
     args = ap.parse_args(argv)
 

@@ -32,6 +32,7 @@ RELEASED_FLOW_ARGS, RELEASED_DECODER_ARGS = (
 )  # trellis.md §2.1, §3.1
 # The released architectures at toy width: same options, fp16 torso, patch 2 to exercise patchify.
 TINY_FLOW_ARGS = dict(
+    RELEASED_FLOW_ARGS,
     resolution=8,
     in_channels=4,
     out_channels=4,
@@ -39,14 +40,10 @@ TINY_FLOW_ARGS = dict(
     cond_channels=32,
     num_blocks=2,
     num_heads=4,
-    mlp_ratio=4,
     patch_size=2,
-    pe_mode="ape",
-    qk_rms_norm=True,
-    use_fp16=True,
 )
 TINY_DECODER_ARGS = dict(
-    out_channels=1, latent_channels=4, num_res_blocks=1, num_res_blocks_middle=1, channels=[32, 16, 8], use_fp16=True
+    RELEASED_DECODER_ARGS, latent_channels=4, num_res_blocks=1, num_res_blocks_middle=1, channels=[32, 16, 8]
 )
 
 # trellis.md §1.1 (pipeline.json); the stage-2 entries are listed but not written here.

@@ -15,16 +15,9 @@ from typing import Callable
 
 import numpy as np
 
+from dso_jax.convert.files import read_json, read_safetensors, staged_folder, write_json
 from dso_jax.convert.rules import flatten, sha256_file, unflatten
-from dso_jax.convert.trellis import (
-    CONFIG_FILE,
-    MANIFEST_FILE,
-    PARAMS_FILE,
-    read_json,
-    read_safetensors,
-    staged_folder,
-    write_json,
-)
+from dso_jax.convert.trellis import CONFIG_FILE, MANIFEST_FILE, PARAMS_FILE
 from dso_jax.convert.verify import ConversionError, check_finite
 
 Rule = Callable[[np.ndarray], np.ndarray]

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dso_jax import lora
-from dso_jax.convert import rules, trellis
+from dso_jax.convert import files, rules, trellis
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"  # peft's save_pretrained: beside the weights
@@ -430,4 +430,4 @@ def save_peft(path, base_params, overlay: lora.Overlay, *, adapter_config_beside
     save_file(state, tmp, metadata=meta)
     os.replace(tmp, path)
     if adapter_config_beside:
-        trellis.write_json(os.path.join(os.path.dirname(os.path.abspath(path)), ADAPTER_CONFIG), cfg, sort_keys=True)
+        files.write_json(os.path.join(os.path.dirname(os.path.abspath(path)), ADAPTER_CONFIG), cfg, sort_keys=True)

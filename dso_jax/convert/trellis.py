@@ -20,17 +20,14 @@ File formats:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import os
-import shutil
-import tempfile
 from typing import Mapping, Optional
 
 import numpy as np
 
 from dso_jax.convert import rules
+from dso_jax.convert.files import read_json, read_safetensors, write_json
 from dso_jax.convert.rules import BUFFER, flatten, unflatten
 from dso_jax.convert.verify import ConversionError, diff_lines, is_float, raise_if
 
@@ -330,65 +327,6 @@ def params_to_torch_state_dict(
 # ----------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def staged_folder(dst: str, *, overwrite: bool = False):
-    """Yield a temporary sibling folder of ``dst``; on success it becomes ``dst`` by a rename, on failure it goes.
-
-    A conversion therefore never leaves a partial ``dst``. An existing non-empty ``dst`` (or a file there) is
-    refused before anything is written, unless ``overwrite`` (then the old folder is replaced at the end).
-    """
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not os.path.isdir(dst):
-        raise NotADirectoryError(f"{dst}: the destination exists and is a file")
-    if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
-        raise FileExistsError(f"{dst}: the destination exists and is not empty (remove it, or pass --overwrite)")
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=os.path.dirname(dst))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the destination's mode
-    try:
-        yield tmp
-        old = tmp + ".old"
-        if os.path.exists(dst):
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json(path: str, obj, sort_keys: bool = False) -> None:
-    """Write ``obj`` as indented JSON, atomically (a temporary file, then a rename)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=sort_keys)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-
-
-def read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        return load_file(path)
-    except (SafetensorError, ValueError, OSError) as e:
-        raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def is_trellis_prefix(path: str) -> bool:

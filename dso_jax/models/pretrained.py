@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dso_jax.convert import peft, trellis
+from dso_jax.convert import files, peft, trellis
 from dso_jax.convert.verify import ConversionError, check_finite, check_finite_and_deterministic, tree_diff
 from dso_jax.models import dinov2
 from dso_jax.models.ss_decoder import SparseStructureDecoder
@@ -233,7 +233,7 @@ def load_dinov2(path: str) -> tuple[dinov2.DinoV2Config, dict]:
     cfg_file = os.path.join(path, convert.CONFIG_FILE)
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"{path}: neither a converted DINOv2 folder (no {convert.CONFIG_FILE}) nor a .pth file")
-    if "name" in trellis.read_json(cfg_file):
+    if "name" in files.read_json(cfg_file):
         raise ValueError(f"{path}: is a converted TRELLIS model folder, not DINOv2 (pass it as --flow/--decoder)")
     config, params = convert.load_converted_dinov2(path)
     return dinov2.config_from_dict(config), params
@@ -309,14 +309,14 @@ def convert_trellis(
     Writes ``dst/NAME/{params.safetensors, config.json, manifest.json}`` per model and copies a
     folder's ``pipeline.json`` to ``dst/source_pipeline.json``. With ``verify``, reloads each model
     and checks that a forward pass on random inputs is finite and deterministic. All of it is written
-    into a temporary sibling of ``dst`` and renamed at the end (``trellis.staged_folder``): a failure
+    into a temporary sibling of ``dst`` and renamed at the end (``dso_jax.convert.files.staged_folder``): a failure
     leaves no partial ``dst``; an existing non-empty ``dst`` is refused unless ``overwrite``.
     Returns the model folders.
     """
     prefixes = _stage1_prefixes(src)
     dst = os.path.abspath(dst)
     names = [os.path.basename(p) for p in prefixes]
-    with trellis.staged_folder(dst, overwrite=overwrite) as tmp:
+    with files.staged_folder(dst, overwrite=overwrite) as tmp:
         for prefix, name in zip(prefixes, names):
             config, params, manifest = convert_checkpoint(prefix, hash_files=True)
             trellis.write_converted(os.path.join(tmp, name), config, params, manifest)
