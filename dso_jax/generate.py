@@ -83,6 +83,12 @@ def _pipelined(gen: Generator, paths: Sequence[str], noise, load_kwargs, simulat
         consume(*pending)
 
 
+def _make_out_dir(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{path}: exists and is a file; --out names an output folder")
+    os.makedirs(path, exist_ok=True)
+
+
 def _check_settings(path: str, settings: dict) -> None:
     """First run: record the settings; later runs (resume) must match them, key by key."""
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
@@ -128,7 +134,7 @@ def sample_images(
     names = list(names) if names is not None else output_names(paths)
     seeds = [seed + k for k in range(num_samples)]
     noise = noise_for_seeds(seeds, gen.models.latent_shape) if noise is None else noise
-    os.makedirs(out_dir, exist_ok=True)
+    _make_out_dir(out_dir)
     suffix = dict(glb=".glb", latent="_ss_latent.npy", coords="_coords.npy")
     files = lambda name, k: {key: os.path.join(out_dir, f"{name}_{k:03d}{ext}") for key, ext in suffix.items()}  # noqa: E731
     done = {
@@ -276,6 +282,7 @@ def generate_dataset(
         if noise_file
         else noise_for_seeds([seed + k for k in range(num_samples)], gen.models.latent_shape)
     )
+    _make_out_dir(out_dir)
     work = os.path.join(out_dir, "objects")
     os.makedirs(work, exist_ok=True)
     _check_settings(os.path.join(out_dir, "generation.json"), _settings(gen, num_samples, seed, noise_file))

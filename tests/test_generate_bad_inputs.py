@@ -115,7 +115,7 @@ def _cases(d, files):
             "noise_pickle": ([*base, "--noise_file", str(d / "noise_obj.npy")], "noise_obj.npy: not a readable .npy"),
             "noise_npz": ([*base, "--noise_file", str(d / "noise.npz")], "noise.npz: an .npz archive"),
             "noise_text": ([*base, "--noise_file", str(d / "noise_text.npy")], "noise_text.npy: not a readable .npy"),
-            "out_is_a_file": (["--image", img, "--out", str(d / "afile"), *FAST], "afile"),
+            "out_is_a_file": (["--image", img, "--out", str(d / "afile"), *FAST], "afile: exists and is a file"),
         }
     )
     return cases

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Callable
 
 import numpy as np
@@ -123,7 +124,8 @@ def load_dinov2_pth(path: str) -> dict[str, np.ndarray]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours its message
+        first = text.splitlines()[0] if text else type(e).__name__
         raise ConversionError(f"{path}: not loadable with torch.load(weights_only=True), refused ({first})") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated zip, not a torch file
         raise ConversionError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {e})") from e

@@ -32,7 +32,10 @@ def staged_folder(dst: str, *, overwrite: bool = False):
     if os.path.isdir(dst) and os.listdir(dst) and not overwrite:
         raise FileExistsError(f"{dst}: the destination exists and is not empty (remove it, or pass --overwrite)")
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=os.path.dirname(dst))
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=os.path.dirname(dst))
+    except OSError as e:  # name the destination, not the temporary folder
+        raise OSError(e.errno, f"cannot write the destination's folder ({e.strerror})", dst) from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the destination's mode
