@@ -29,7 +29,7 @@ def world(tmp_path_factory):
     good = lora.init_overlay(jax.random.PRNGKey(0), flow, rank=4, alpha=8.0)
     files = {}
     files["good"] = str(d / "good.safetensors")
-    peft.save_peft(files["good"], flow, good, full_state_dict=False, adapter_config_beside=False)
+    peft.save_peft(files["good"], flow, good, full_state_dict=False)
     other = pretrained.random_params(
         pretrained.abstract_params(pretrained.model_from_config(trellis.FLOW, TINY_FLOW_ARGS)), seed=0
     )
@@ -39,7 +39,6 @@ def world(tmp_path_factory):
         other,
         lora.init_overlay(jax.random.PRNGKey(0), other, rank=4, alpha=8.0),
         full_state_dict=False,
-        adapter_config_beside=False,
     )
     state = load_file(files["good"])
     key = "base_model.model.blocks.0.self_attn.to_qkv.lora_A.weight"

@@ -9,6 +9,7 @@ exactly as DSO's ``example.py`` does (strict ``load_state_dict`` into a fresh pe
 
 import json
 import math
+import os
 import warnings
 
 import jax
@@ -344,7 +345,11 @@ def test_our_exports_carry_rank_alpha_and_targets(world, tmp_path, full):
     declared = peft_io.read_config(str(path))
     assert (declared.rank, declared.alpha, declared.targets) == (8, 16.0, tuple(sorted(TARGETS)))
     assert "(metadata)" in declared.source
-    with open(tmp_path / "out" / "adapter_config.json") as f:
+    assert os.listdir(tmp_path / "out") == ["step_0000010.safetensors"]  # a run's folder of exports: metadata only
+    peft_io.save_peft(
+        tmp_path / "peft" / peft_io.ADAPTER_WEIGHTS, world["params"], overlay, full_state_dict=False
+    )  # a peft folder: adapter_config.json beside
+    with open(tmp_path / "peft" / peft_io.ADAPTER_CONFIG) as f:
         cfg = json.load(f)
     assert (cfg["r"], cfg["lora_alpha"], sorted(cfg["target_modules"])) == (8, 16.0, sorted(TARGETS))
     loaded = peft_io.load_peft(str(path), world["params"])  # no alpha given: the file's

@@ -100,7 +100,8 @@ def test_cli_writes_json_and_histogram(files, tmp_path):
 
 def test_cli_writes_nothing_unless_asked(files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rc, stdout, _ = run_script("evaluate_stability", ["--mesh_paths", files["good"], "--backend", "mujoco"])
+    argv = ["--mesh_paths", files["good"], "--backend", "mujoco", "--no_rescale"]  # the docstring's spelling
+    rc, stdout, _ = run_script("evaluate_stability", argv)
     assert rc == 0 and "Percentage Stable (angle < 20)" in stdout
     assert os.listdir(tmp_path) == []  # the old default wrote results.json into the current directory
 

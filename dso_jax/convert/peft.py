@@ -408,14 +408,18 @@ def adapter_config(overlay: lora.Overlay) -> dict:
     )
 
 
-def save_peft(path, base_params, overlay: lora.Overlay, *, adapter_config_beside: bool = True, **kwargs) -> None:
+def save_peft(
+    path, base_params, overlay: lora.Overlay, *, adapter_config_beside: Optional[bool] = None, **kwargs
+) -> None:
     """Write the overlay as peft safetensors (see :func:`peft_state_dict` for ``kwargs``), atomically.
 
-    The header metadata records ``r``, ``lora_alpha`` and ``target_modules``, and (``adapter_config_beside``)
-    an ``adapter_config.json`` in the same folder says the same for peft; with the file named
-    ``adapter_model.safetensors`` and ``full_state_dict=False`` the folder is what ``PeftModel.from_pretrained``
-    loads. With ``full_state_dict`` (the default) the file is DSO's layout, which its ``example.py`` loads
-    unchanged (needs ``config``). Only process 0 writes.
+    The header metadata always records ``r``, ``lora_alpha`` and ``target_modules``. ``adapter_config_beside``
+    (default: when the file is named ``adapter_model.safetensors``, i.e. it forms a peft folder) also writes
+    peft's ``adapter_config.json`` in the same folder; with ``full_state_dict=False`` that folder is what
+    ``PeftModel.from_pretrained`` loads. (A folder of several exports, such as a run's ``peft/step_*``, gets
+    none: one config file cannot speak for each of them, and the metadata already does.) With
+    ``full_state_dict`` (the default) the file is DSO's layout, which its ``example.py`` loads unchanged
+    (needs ``config``). Only process 0 writes.
     """
     if jax.process_index() != 0:
         return
@@ -429,5 +433,7 @@ def save_peft(path, base_params, overlay: lora.Overlay, *, adapter_config_beside
     tmp = path + ".tmp"
     save_file(state, tmp, metadata=meta)
     os.replace(tmp, path)
+    if adapter_config_beside is None:
+        adapter_config_beside = os.path.basename(path) == ADAPTER_WEIGHTS
     if adapter_config_beside:
         files.write_json(os.path.join(os.path.dirname(os.path.abspath(path)), ADAPTER_CONFIG), cfg, sort_keys=True)
