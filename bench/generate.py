@@ -6,7 +6,7 @@
 Full-size random-weight models of the released architectures (DINOv2 ViT-L/14 reg4, ss_flow_img_dit_L_16l8,
 ss_dec_conv3d_16l8; bf16 compute where TRELLIS uses fp16), DSO's settings (K = 4 samples per image, SS 12
 steps, CFG 7.5 on [0.5, 1], rescale_t 3), `default_sim_config()` physics. Per batch of I images (I*K objects)
-it times `dso_jax.generate.Generator` as `generate_data.py` runs it: the sampling program (DINOv2 + sampler
+it times `dso_jax.pipeline.Generator` as `generate_data.py` runs it: the sampling program (DINOv2 + sampler
 + decoder + occupancy), the stability program on that occupancy, and both together including the copy of
 cond / latents / angles to the host. Image decoding and npz writes overlap device work in the real run and
 are not timed. Each batch size compiles anew. Prints one table; objects/min = I*K / end-to-end seconds * 60.
@@ -22,18 +22,22 @@ import time
 import numpy as np
 from ssflow import _median_time  # bench/ is on the path when run as a script
 
+from dso_jax.sampling import DSO_STAGE1
+
 
 def bench_batch(models, images_per_batch, args, physics):
+    import dataclasses
+
     import jax
 
-    from dso_jax import generate
+    from dso_jax import pipeline, sampling
 
-    sampler = generate.SamplerSettings(steps=args.steps)
-    gen = generate.Generator(models, sampler, images_per_batch=images_per_batch, physics=physics)
+    sampler = dataclasses.replace(sampling.DSO_STAGE1, steps=args.steps)
+    gen = pipeline.Generator(models, sampler, images_per_batch=images_per_batch, physics=physics)
     rng = np.random.default_rng(images_per_batch)
     images = rng.integers(0, 256, (images_per_batch, 518, 518, 3), dtype=np.uint8)
-    noise = generate.noise_for_seeds(range(args.num_samples), models.latent_shape)
-    stability = generate._stability_fn(physics.to_json())  # the program generate_dataset runs
+    noise = pipeline.noise_for_seeds(range(args.num_samples), models.latent_shape)
+    stability = pipeline.stability_fn(physics.to_json())  # the program generate_dataset runs
 
     t0 = time.perf_counter()
     out = jax.block_until_ready(gen(images, noise, simulate=True))
@@ -69,7 +73,7 @@ def main():
     ap.add_argument("--preset", default="released", choices=["released", "tiny"])
     ap.add_argument("--batches", default="8,16", help="images per device batch (x num_samples objects)")
     ap.add_argument("--num_samples", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=DSO_STAGE1.steps)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--sim", action="append", default=[], metavar="KEY=VALUE", help="physics config override")
     ap.add_argument("--out", default="")
@@ -77,12 +81,12 @@ def main():
 
     import jax
 
-    from dso_jax import generate
+    from dso_jax.models import pretrained
     from dso_jax.physics import rollout
 
     physics = rollout.with_overrides(rollout.default_sim_config(), args.sim, flag="--sim")
     t0 = time.perf_counter()
-    models = generate.load_models(random_weights=args.preset)
+    models = pretrained.load_models(random_weights=args.preset)
     load_s = time.perf_counter() - t0
     print(
         f"{jax.devices()[0].device_kind}: random {args.preset} models in {load_s:.1f} s; flow dtype "

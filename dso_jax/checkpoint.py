@@ -7,7 +7,7 @@ intact and :meth:`Checkpointer.latest_step` never returns a partial one. The fro
 are not saved: they come from ``model.path`` (or the seed) again on resume.
 
 Beside each checkpoint, ``<workdir>/peft/step_XXXXXXX.safetensors`` is the overlay in peft's
-format (``dso_jax.lora.save_peft``): a full DSO-style state dict or the adapter only.
+format (``dso_jax.convert.peft.save_peft``): a full DSO-style state dict or the adapter only.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from dso_jax import lora
+from dso_jax.convert.peft import save_peft
 
 
 def _to_host(tree):
@@ -77,7 +78,7 @@ class Checkpointer:
         path = os.path.join(self.peft_dir, f"step_{step:07d}.safetensors")
         if jax.process_index() == 0:
             # save_peft writes a temporary file and renames it: a reader never sees a partial file.
-            lora.save_peft(
+            save_peft(
                 path, self._host_base if full else None, overlay, full_state_dict=full, config=module if full else None
             )
             self._prune_exports(keep_also=step)

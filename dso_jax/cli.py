@@ -8,7 +8,9 @@ line or ``DSO_JAX_DEBUG=1`` in the environment. Programming errors (anything els
 
 from __future__ import annotations
 
+import argparse
 import errno
+import math
 import os
 import sys
 from typing import Callable
@@ -78,3 +80,60 @@ def run(main: Callable[[], int | None], *, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+# ---------------------------------------------------------------------------------------------- argparse CLIs
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with ``--debug`` declared (read by :func:`run`) and bad flags reported in one line, exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--debug", action="store_true", help=f"print the traceback of an error (or set {DEBUG_ENV}=1)"
+        )
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind, check, what):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+non_negative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
+def check_writable_file(path: str) -> str:
+    """Fail now, in one line, if ``path`` cannot be written (a folder, a file as its parent, no permission).
+
+    Creates the parent folder. Used before long computations whose result goes to ``path``.
+    """
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "is a folder, expected a file path", path)
+    parent = os.path.dirname(path)
+    ancestor = parent
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot be written, {ancestor} is a file", path)
+    os.makedirs(parent, exist_ok=True)
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise PermissionError(errno.EACCES, "not writable", path)
+    return path

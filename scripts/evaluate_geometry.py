@@ -4,39 +4,44 @@
       [--n_points 10000] [--seed 0] [--out geometry.json]
 
 Ground truth for `{uid}-...glb` is GT_DIR/*/{uid}.glb (DSO's layout; GT_DIR/{uid}.<ext> also works). Both
-meshes are normalised to unit max extent about the bbox centre; samples are seeded (DSO's are not).
+meshes are normalised to unit max extent about the bbox centre; samples are seeded (DSO's are not). Results
+are keyed by file name (by relative path where names repeat); --out writes them as JSON (default: nothing is
+written). Exits non-zero when every mesh failed.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
+import sys
 
 import numpy as np
 
+from dso_jax import cli
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mesh_paths", required=True)
+
+def main(argv=None) -> int:
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--mesh_paths", required=True, help="glob of generated meshes (quote it)")
     parser.add_argument("--ground_truth_paths", required=True, help="directory with the ground-truth meshes")
     parser.add_argument("--up_dir", default="y", choices=["y", "z"])
-    parser.add_argument("--n_points", type=int, default=10_000)
-    parser.add_argument("--tau", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="geometry.json")
-    args = parser.parse_args()
+    parser.add_argument("--n_points", type=cli.positive_int, default=10_000)
+    parser.add_argument("--tau", type=cli.positive_float, default=0.05)
+    parser.add_argument("--seed", type=cli.non_negative_int, default=0)
+    parser.add_argument("--out", default=None, help="results JSON; default: write nothing")
+    args = parser.parse_args(argv)
 
-    from dso_jax.physics import metrics
+    from dso_jax.physics import mesh_io, metrics
 
-    paths = sorted(glob.glob(args.mesh_paths))
+    paths = sorted(p for p in glob.glob(args.mesh_paths) if os.path.isfile(p))
     if not paths:
-        raise SystemExit(f"no files match {args.mesh_paths!r}")
+        raise FileNotFoundError(f"no files match {args.mesh_paths!r}")
+    out = cli.check_writable_file(args.out) if args.out else None
     results = metrics.evaluate_geometry_files(
         paths, args.ground_truth_paths, up_dir=args.up_dir, n_points=args.n_points, tau=args.tau, seed=args.seed
     )
-    table = {os.path.basename(p): r for p, r in zip(paths, results)}
+    table = dict(zip(mesh_io.result_keys(paths), results))
     ok = [r for r in results if "error" not in r]
     summary = dict(
         count=len(ok),
@@ -44,9 +49,6 @@ def main():
         mean_fscore=float(np.mean([r["fscore"] for r in ok])) if ok else None,
         mean_chamfer=float(np.mean([r["chamfer"] for r in ok])) if ok else None,
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(dict(meshes=table, summary=summary), fh, indent=1)
     for k, r in table.items():
         if "error" in r:
             print(f"  failed {k}: {r['error']}")
@@ -54,8 +56,14 @@ def main():
     if ok:
         print(f"Average F-Score: {summary['mean_fscore']:.4f}")
         print(f"Average Chamfer Distance: {summary['mean_chamfer']:.5f}")
-    print(f"wrote {args.out}")
+    if out:
+        with open(out, "w") as fh:
+            json.dump(dict(meshes=table, summary=summary), fh, indent=1)
+        print(f"wrote {out}")
+    if not ok:
+        raise cli.UserError(f"all {len(paths)} meshes failed; see the reasons above")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

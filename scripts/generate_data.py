@@ -5,36 +5,38 @@
     python scripts/train.py --config configs/dro.py --config.data.path=DATA --workdir runs/dro
 
 Per image (DSO's category/prompt/view.png): K=4 latents with seeds 0..3, SS 12 steps CFG 7.5, the DINOv2
-condition, and each latent's rotation angle from the MJX stability check on its occupancy (--sim KEY=VALUE
-overrides dso_jax.physics.rollout.default_sim_config). Finished images land in DATA/objects/ and are skipped
-when the command is run again; bad images go to DATA/failures.json and the run goes on. The dataset
-DATA/dso_pairs/ is rebuilt from all finished images at the end of every run.
+condition, and each latent's rotation angle from the MJX stability check on its occupancy (--sim_preset
+occupancy|mesh picks dso_jax.physics.rollout's settings, --sim KEY=VALUE overrides single keys). Finished
+images land in DATA/objects/ and are skipped when the command is run again; bad images and non-finite
+samples go to DATA/failures.json and the run goes on. The dataset DATA/dso_pairs/ is rebuilt from all
+finished images at the end of every run; the command fails when no image gave a usable sample.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from dso_jax import cli
 
 
 def main(argv=None) -> int:
     from dso_jax import generate
+    from dso_jax.data.images import expand_images
     from dso_jax.physics import rollout
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(description=__doc__)
     ap.add_argument("--images", required=True, nargs="+", help='glob(s) such as "ROOT/category/*/*.png" (quote them)')
     ap.add_argument("--out", required=True, help="output directory (work files, failures.json, dso_pairs/)")
-    ap.add_argument("--num_samples", type=int, default=4, help="latents per image (DSO: 4)")
-    ap.add_argument("--seed", type=int, default=0, help="sample k uses seed S + k (DSO: 0..3)")
+    ap.add_argument("--num_samples", type=cli.positive_int, default=generate.DSO_DATA_SAMPLES, help="latents per image")
+    ap.add_argument("--seed", type=cli.non_negative_int, default=0, help="sample k uses seed S + k (DSO: 0..3)")
     ap.add_argument("--noise_file", default="", help=".npy (num_samples, C, R, R, R): exact noise (e.g. TRELLIS's)")
-    ap.add_argument("--lora", default="", help="optional peft LoRA merged into the flow (iterated DSO)")
-    ap.add_argument("--lora_alpha", type=float, default=generate.DSO_LORA_ALPHA)
-    ap.add_argument("--sim", action="append", default=[], metavar="KEY=VALUE", help="physics config override")
+    generate.add_lora_args(ap, "optional peft LoRA merged into the flow (iterated DSO)")
+    rollout.add_sim_args(ap, default_preset="occupancy")
     generate.add_model_args(ap)
     args = ap.parse_args(argv)
 
-    paths = generate.expand_images(args.images)
-    physics = rollout.with_overrides(rollout.default_sim_config(), args.sim, flag="--sim")
+    paths = expand_images(args.images)
+    physics = rollout.sim_config_from_args(args)
     gen = generate.generator_from_args(args, physics=physics, lora=args.lora or None, lora_alpha=args.lora_alpha)
     summary = generate.generate_dataset(
         gen,
@@ -45,8 +47,10 @@ def main(argv=None) -> int:
         noise_file=args.noise_file or None,
         background=args.background,
     )
-    return 0 if summary["dataset"] else 1  # nothing usable at all: fail the job
+    if not summary["dataset"]:
+        raise cli.UserError(f"no usable sample in {args.out} (see failures.json); no dataset was written")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

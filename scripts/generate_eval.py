@@ -1,6 +1,6 @@
 """Eval meshes with and without a LoRA (DSO's ``finetune.py --eval``), for ``scripts/evaluate_*.py``.
 
-    python scripts/generate_eval.py --images "EVAL/objaverse/*/*.png" --lora runs/dro/lora.safetensors \
+    python scripts/generate_eval.py --images "EVAL/objaverse/*/*.png" --lora runs/dro/peft/step_0002000.safetensors \
         --flow W/ss_flow_img_dit_L_16l8_fp16 --decoder W/ss_dec_conv3d_16l8_fp16 --dinov2 W/dinov2_vitl14_reg4 \
         --out EVALOUT [--ids stable_objaverse_ids.txt]
     python scripts/evaluate_stability.py --mesh_paths "EVALOUT/lora/*.glb" --out EVALOUT/lora_stability.json
@@ -13,29 +13,41 @@ filters images only when given; unlike DSO's script it is never applied implicit
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from dso_jax import cli
+
+
+def read_ids(path: str) -> list[str]:
+    """One object uid per line (blank lines ignored); an empty file is an error."""
+    with open(path) as f:
+        ids = [line.strip() for line in f if line.strip()]
+    if not ids:
+        raise ValueError(f"{path}: lists no object ids (expected one uid per line)")
+    return ids
 
 
 def main(argv=None) -> int:
     from dso_jax import generate
+    from dso_jax.data.images import expand_images
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(description=__doc__)
     ap.add_argument("--images", required=True, nargs="+", help="glob(s) of eval images (quote them)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--lora", default="", help="peft LoRA safetensors; without it only OUT/base is written")
-    ap.add_argument("--lora_alpha", type=float, default=generate.DSO_LORA_ALPHA)
+    generate.add_lora_args(ap, "peft LoRA safetensors (or peft folder); without it only OUT/base is written")
     ap.add_argument("--ids", default="", help="file of object uids (one per line) to keep")
-    ap.add_argument("--num_samples", type=int, default=1, help="models per image (DSO: 1)")
-    ap.add_argument("--seed", type=int, default=1, help="sample k uses seed S + k (DSO: bid + 1)")
+    ap.add_argument("--num_samples", type=cli.positive_int, default=1, help="models per image (DSO: 1)")
+    ap.add_argument(
+        "--seed",
+        type=cli.non_negative_int,
+        default=generate.DSO_EVAL_SEED,
+        help="sample k uses seed S + k (DSO: bid + 1)",
+    )
     generate.add_model_args(ap)
     args = ap.parse_args(argv)
 
-    paths = generate.expand_images(args.images)
-    ids = None
-    if args.ids:
-        with open(args.ids) as f:
-            ids = [line.strip() for line in f if line.strip()]
+    paths = expand_images(args.images)
+    ids = read_ids(args.ids) if args.ids else None
     gen = generate.generator_from_args(args)
     generate.generate_eval(
         gen,
@@ -52,4 +64,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -15,14 +15,16 @@ Outputs OUT/meshes/*.obj and OUT/manifest.json (the recipe and per-mesh transfor
 
 from __future__ import annotations
 
-import argparse
 import glob
 import io
 import json
 import os
+import sys
 import zipfile
 
 import numpy as np
+
+from dso_jax import cli
 
 
 def _sources(wheel: str | None) -> dict[str, bytes]:
@@ -30,16 +32,19 @@ def _sources(wheel: str | None) -> dict[str, bytes]:
     if wheel:
         paths = glob.glob(wheel)
         if not paths:
-            raise SystemExit(f"no wheel matches {wheel}")
-        with zipfile.ZipFile(paths[0]) as z:
-            names = sorted(
-                n for n in z.namelist() if n.startswith("pybullet_data/random_urdfs/") and n.endswith(".obj")
-            )
-            return {os.path.basename(n)[:-4]: z.read(n) for n in names}
+            raise FileNotFoundError(f"--wheel {wheel}: no file matches")
+        try:
+            with zipfile.ZipFile(paths[0]) as z:
+                names = sorted(
+                    n for n in z.namelist() if n.startswith("pybullet_data/random_urdfs/") and n.endswith(".obj")
+                )
+                return {os.path.basename(n)[:-4]: z.read(n) for n in names}
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"--wheel {paths[0]}: not a wheel (zip) file ({e})") from None
     try:
         import pybullet_data
     except ImportError:
-        raise SystemExit("pybullet_data not found: pip install pybullet==3.2.7, or pass --wheel") from None
+        raise cli.UserError("pybullet_data not found: pip install pybullet==3.2.7, or pass --wheel") from None
     names = sorted(glob.glob(os.path.join(pybullet_data.getDataPath(), "random_urdfs", "*", "*.obj")))
     return {os.path.basename(n)[:-4]: open(n, "rb").read() for n in names}
 
@@ -70,7 +75,7 @@ def build(out: str, num_base: int, seed: int, wheel: str | None) -> dict:
 
     sources = _sources(wheel)
     if len(sources) < num_base:
-        raise SystemExit(f"only {len(sources)} source meshes, need {num_base}")
+        raise ValueError(f"only {len(sources)} source meshes, --num_base asks for {num_base}")
     rng = np.random.default_rng(seed)
     picked = sorted(rng.choice(sorted(sources), size=num_base, replace=False).tolist())
     os.makedirs(os.path.join(out, "meshes"), exist_ok=True)
@@ -117,16 +122,17 @@ def build(out: str, num_base: int, seed: int, wheel: str | None) -> dict:
     return manifest
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="runs/mesh_set")
-    parser.add_argument("--num_base", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_base", type=cli.positive_int, default=200)
+    parser.add_argument("--seed", type=cli.non_negative_int, default=0)
     parser.add_argument("--wheel", default=None, help="path/glob of a downloaded pybullet wheel")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     manifest = build(args.out, args.num_base, args.seed, args.wheel)
     print(f"wrote {len(manifest['meshes'])} meshes to {args.out}/meshes (manifest.json beside)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -13,13 +13,15 @@ Runs three answers per mesh and prints confusion matrices against the reference:
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
+import sys
 import time
 
 import numpy as np
+
+from dso_jax import cli
 
 
 def _confusion(ref_stable: np.ndarray, stable: np.ndarray) -> dict:
@@ -39,40 +41,47 @@ def _print_confusion(name: str, c: dict, n: int) -> None:
     print(f"  ref unstable   {c['ref_unstable_pred_stable']:11d}  {c['ref_unstable_pred_unstable']:13d}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--mesh_dir", default="runs/mesh_set/meshes")
     parser.add_argument("--up_dir", default="z", choices=["x", "y", "z"])
     parser.add_argument("--no_rescale", action="store_true")
-    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--resolution", type=cli.positive_int, default=64)
     parser.add_argument("--set", action="append", default=[], help="sim config override key=value")
     parser.add_argument("--x64", action="store_true")
-    parser.add_argument("--batch", type=int, default=200)
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--batch", type=cli.positive_int, default=200)
+    parser.add_argument("--workers", type=cli.positive_int, default=None)
     parser.add_argument("--reference_json", default=None, help="reuse reference results from an earlier --out")
     parser.add_argument("--skip", default="", help="comma list of paths to skip: mesh,occ")
-    parser.add_argument("--limit", type=int, default=0)
+    parser.add_argument("--limit", type=cli.non_negative_int, default=0)
     parser.add_argument("--out", default="runs/agreement.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import jax
 
     if args.x64:
         jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
-
+    from dso_jax.batching import map_in_chunks
     from dso_jax.physics import body as body_lib
     from dso_jax.physics import mesh_io, reference, rollout
 
     cfg = rollout.with_overrides(rollout.default_sim_config(), args.set)
     # the mesh path evaluates with finer steps (rollout.mesh_sim_config); the overrides apply to both
     mesh_cfg = rollout.with_overrides(rollout.mesh_sim_config(), args.set)
+    skip = set(args.skip.split(",")) - {""}
+    if skip - {"mesh", "occ"}:
+        raise ValueError(f"--skip {args.skip!r}: expected a comma list of mesh, occ")
+    if not os.path.isdir(args.mesh_dir):
+        raise FileNotFoundError(f"--mesh_dir {args.mesh_dir}: no such directory (see scripts/make_mesh_set.py)")
+    cli.check_writable_file(args.out)
     print("occupancy sim config:", {k: cfg[k] for k in cfg})
     print("mesh sim config differs in:", {k: mesh_cfg[k] for k in mesh_cfg if mesh_cfg[k] != cfg[k]})
 
     paths = sorted(glob.glob(os.path.join(args.mesh_dir, "*")))
     if args.limit:
         paths = paths[: args.limit]
+    if not paths:
+        raise FileNotFoundError(f"--mesh_dir {args.mesh_dir}: no mesh files")
     names = [os.path.basename(p) for p in paths]
     meshes, errors = {}, {}
     for p, name in zip(paths, names):
@@ -85,7 +94,11 @@ def main():
     # Reference (cached).
     ref = {}
     if args.reference_json and os.path.exists(args.reference_json):
-        ref = json.load(open(args.reference_json))["reference"]
+        with open(args.reference_json) as f:
+            cached = json.load(f)
+        if not isinstance(cached, dict) or not isinstance(cached.get("reference"), dict):
+            raise ValueError(f"--reference_json {args.reference_json}: no 'reference' table (an earlier --out?)")
+        ref = cached["reference"]
     todo = [n for n in meshes if n not in ref]
     if todo:
         t = time.time()
@@ -96,6 +109,8 @@ def main():
     for n in meshes:
         if n not in ok:
             errors[n] = ref.get(n, {}).get("error", "reference failed")
+    if not ok:
+        raise cli.UserError(f"none of the {len(paths)} meshes simulated under the reference; nothing to compare")
     ref_angle = np.array([ref[n]["angle"] for n in ok])
     ref_stable = ref_angle < cfg.threshold_deg
     print(f"reference: {ref_stable.sum()} stable / {len(ok)}")
@@ -108,7 +123,6 @@ def main():
         errors=errors,
         confusion={},
     )
-    skip = set(args.skip.split(","))
 
     if "mesh" not in skip:
         bodies, keep = [], []
@@ -142,16 +156,8 @@ def main():
         )
         print(f"voxelised {len(ok)} meshes at {args.resolution}^3 in {time.time() - t:.1f} s")
         fn = jax.jit(rollout.make_stability_fn(cfg))
-        bs = min(args.batch, len(ok))
-        outs = []
         t = time.time()
-        for s in range(0, len(ok), bs):
-            chunk = occ[s : s + bs]
-            m = len(chunk)
-            if m < bs:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - m, 0)])
-            outs.append({k: np.asarray(v)[:m] for k, v in jax.device_get(fn(jnp.asarray(chunk))).items()})
-        out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        out = map_in_chunks(fn, occ, min(args.batch, len(ok)))
         print(f"mjx_occ: {len(ok)} in {time.time() - t:.1f} s (incl. compile)")
         c = _confusion(ref_stable, out["stable"])
         _print_confusion("mjx_occ vs reference", c, len(ok))
@@ -165,7 +171,8 @@ def main():
     with open(args.out, "w") as fh:
         json.dump(results, fh, indent=1, default=float)
     print(f"\nwrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -7,36 +7,39 @@
 
 Per image and sample k (seed S + k): DIR/{stem}_{k:03d}.glb (y-up, unit cube), _ss_latent.npy (1, 8, 16, 16, 16)
 float32 and _coords.npy (N, 4) int32 (batch, x, y, z), plus DIR/manifest.json and DIR/failures.json.
-Sampler defaults: 12 steps, CFG 7.5, interval [0.5, 1], rescale_t 3 (TRELLIS's README/app values; its
-pipeline.json says --steps 25 --cfg_strength 5). Images need alpha (or --background R,G,B). Rerunning skips
-images whose outputs exist. See dso_jax/generate.py.
+Sampler defaults: DSO's stage-1 settings (dso_jax.sampling.DSO_STAGE1: 12 steps, CFG 7.5, interval [0.5, 1],
+rescale_t 3; TRELLIS's pipeline.json says --steps 25 --cfg_strength 5). Images need alpha (or --background
+R,G,B). A LoRA's alpha comes from the file (metadata / adapter_config.json) unless --lora_alpha is given.
+Rerunning skips images whose outputs exist. See dso_jax/generate.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from dso_jax import cli
 
 
 def main(argv=None) -> int:
     from dso_jax import generate
+    from dso_jax.data.images import expand_images
+    from dso_jax.pipeline import load_noise
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(description=__doc__)
     ap.add_argument("--image", required=True, nargs="+", help="image path(s) or glob(s) (quote globs)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--lora", default="", help="peft LoRA safetensors (DSO's full state dict or adapter-only)")
-    ap.add_argument("--lora_alpha", type=float, default=generate.DSO_LORA_ALPHA, help="LoRA alpha (not in peft files)")
-    ap.add_argument("--num_samples", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0, help="sample k uses seed S + k")
+    generate.add_lora_args(ap, "peft LoRA safetensors (DSO's full state dict, adapter-only, or a peft folder)")
+    ap.add_argument("--num_samples", type=cli.positive_int, default=1)
+    ap.add_argument("--seed", type=cli.non_negative_int, default=0, help="sample k uses seed S + k")
     ap.add_argument("--noise_file", default="", help=".npy (num_samples, C, R, R, R): exact noise (e.g. TRELLIS's)")
     ap.add_argument("--naming_level", type=int, default=1, choices=[1, 2], help="1: {stem}; 2: {parent}-{stem}")
     generate.add_model_args(ap)
     args = ap.parse_args(argv)
 
-    paths = generate.expand_images(args.image)
+    paths = expand_images(args.image)
     names = generate.output_names(paths, args.naming_level)
     gen = generate.generator_from_args(args, lora=args.lora or None, lora_alpha=args.lora_alpha)
-    noise = generate.load_noise(args.noise_file, args.num_samples, gen.models.latent_shape) if args.noise_file else None
+    noise = load_noise(args.noise_file, args.num_samples, gen.models.latent_shape) if args.noise_file else None
     generate.sample_images(
         gen,
         paths,
@@ -51,4 +54,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

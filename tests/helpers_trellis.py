@@ -26,26 +26,13 @@ from dso_jax.convert.rules import BUFFER
 
 FLOW_NAME, DECODER_NAME = "ss_flow_img_dit_L_16l8_fp16", "ss_dec_conv3d_16l8_fp16"
 
-# trellis.md §2.1 and §3.1 (the released ckpts/*.json args).
-RELEASED_FLOW_ARGS = dict(
-    resolution=16,
-    in_channels=8,
-    out_channels=8,
-    model_channels=1024,
-    cond_channels=1024,
-    num_blocks=24,
-    num_heads=16,
-    mlp_ratio=4,
-    patch_size=1,
-    pe_mode="ape",
-    qk_rms_norm=True,
-    use_fp16=True,
-)
-RELEASED_DECODER_ARGS = dict(
-    out_channels=1, latent_channels=8, num_res_blocks=2, num_res_blocks_middle=2, channels=[512, 128, 32], use_fp16=True
-)
+RELEASED_FLOW_ARGS, RELEASED_DECODER_ARGS = (
+    trellis.RELEASED_FLOW_ARGS,
+    trellis.RELEASED_DECODER_ARGS,
+)  # trellis.md §2.1, §3.1
 # The released architectures at toy width: same options, fp16 torso, patch 2 to exercise patchify.
 TINY_FLOW_ARGS = dict(
+    RELEASED_FLOW_ARGS,
     resolution=8,
     in_channels=4,
     out_channels=4,
@@ -53,14 +40,10 @@ TINY_FLOW_ARGS = dict(
     cond_channels=32,
     num_blocks=2,
     num_heads=4,
-    mlp_ratio=4,
     patch_size=2,
-    pe_mode="ape",
-    qk_rms_norm=True,
-    use_fp16=True,
 )
 TINY_DECODER_ARGS = dict(
-    out_channels=1, latent_channels=4, num_res_blocks=1, num_res_blocks_middle=1, channels=[32, 16, 8], use_fp16=True
+    RELEASED_DECODER_ARGS, latent_channels=4, num_res_blocks=1, num_res_blocks_middle=1, channels=[32, 16, 8]
 )
 
 # trellis.md §1.1 (pipeline.json); the stage-2 entries are listed but not written here.
@@ -130,7 +113,7 @@ def flow_pair(args: dict, seed: int = 0):
     config = {"name": trellis.FLOW, "args": dict(args)}
     sd = random_state_dict(config, seed)
     module = model_from_config(trellis.FLOW, config["args"])
-    params = trellis.convert_ss_flow(sd, config, buffers=buffers_of(module))
+    params = trellis.convert_state_dict(sd, config, buffers=buffers_of(module))
     twin = tw.SparseStructureFlowModel(**{**args, "use_fp16": False})
     twin.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
     return make_apply_fn(module), params, twin

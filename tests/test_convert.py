@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers_cli import error_line, run_script
 from helpers_trellis import (
     DECODER_NAME,
     FLOW_NAME,
@@ -23,7 +24,6 @@ from helpers_trellis import (
 from safetensors.numpy import load_file, save_file
 from twins import trellis_twin as tw
 
-import convert_trellis
 from dso_jax.convert import rules, trellis
 from dso_jax.convert.verify import ConversionError, tree_diff
 from dso_jax.models import load_pretrained
@@ -252,10 +252,6 @@ def test_bad_config_is_named():
         )
     with pytest.raises(ConversionError, match="'SLatFlowModel' is not a stage-1 model"):
         trellis.key_table({"name": "SLatFlowModel", "args": {}})
-    with pytest.raises(
-        ConversionError, match="config names 'SparseStructureDecoder', expected 'SparseStructureFlowModel'"
-    ):
-        trellis.convert_ss_flow(random_state_dict(DEC_CFG), DEC_CFG)
 
 
 def test_missing_files_name_the_path(tmp_path):
@@ -355,16 +351,86 @@ def test_cli_converts_one_prefix_and_verifies(src, tmp_path):
     assert run.returncode == 0, run.stderr
     assert f"verify {tmp_path}/{DECODER_NAME}: output (1, 1, 64, 64, 64) finite and deterministic" in run.stdout
     assert os.path.isfile(tmp_path / DECODER_NAME / "params.safetensors")
+    again = subprocess.run(  # the real __main__: an expected error is one line and exit 2, no traceback
+        [sys.executable, "convert_trellis.py", "--src", prefix, "--dst", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert again.stderr.splitlines()[0] == (
+        f"convert_trellis.py: error: {tmp_path}: the destination exists and is not empty (remove it, or pass --overwrite)"
+    )
 
 
-def test_cli_refuses_a_bad_checkpoint_naming_the_key(tmp_path, capsys):
+def test_cli_refuses_a_bad_checkpoint_naming_the_key_and_leaves_no_partial_dst(tmp_path):
     sd = random_state_dict(DEC_CFG)
     del sd["blocks.0.conv1.bias"]
     prefix = write_checkpoint(str(tmp_path / "ckpts" / DECODER_NAME), DEC_CFG, sd)
-    assert convert_trellis.main(["--src", prefix, "--dst", str(tmp_path / "out")]) == 1
-    assert f"{prefix}.safetensors: missing key 'blocks.0.conv1.bias'" in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "out" / DECODER_NAME)
-    assert convert_trellis.main(["--src", str(tmp_path / "nothing"), "--dst", str(tmp_path / "out")]) == 1
+    rc, _, err = run_script("convert_trellis", ["--src", prefix, "--dst", tmp_path / "out"])
+    assert rc == 2 and f"{prefix}.safetensors: missing key 'blocks.0.conv1.bias'" in error_line(err)
+    assert not os.path.exists(tmp_path / "out")
+    rc, _, err = run_script("convert_trellis", ["--src", tmp_path / "nothing", "--dst", tmp_path / "out"])
+    assert rc == 2 and "nothing: neither a TRELLIS folder" in error_line(err)
+
+
+def test_a_failure_after_the_first_model_leaves_no_partial_dst(tmp_path):
+    prefixes = write_trellis_folder(str(tmp_path / "src"))
+    with open(prefixes[DECODER_NAME] + ".safetensors", "wb") as f:
+        f.write(b"truncated")  # the second model of the folder is unreadable
+    with pytest.raises(ConversionError, match="not a readable safetensors file"):
+        convert_folder(str(tmp_path / "src"), str(tmp_path / "dst"), log=lambda _: None)
+    assert os.listdir(tmp_path) == ["src"]  # neither DST nor its temporary sibling
+
+
+def test_existing_non_empty_destination_is_refused_unless_overwrite(src, tmp_path):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="dst: the destination exists and is not empty"):
+        convert_folder(src, str(dst), log=lambda _: None)
+    assert os.listdir(dst) == ["notes.txt"]
+    convert_folder(src, str(dst), overwrite=True, log=lambda _: None)
+    assert sorted(os.listdir(dst)) == sorted([DECODER_NAME, FLOW_NAME, "source_pipeline.json"])
+    (tmp_path / "file").write_text("x")
+    rc, _, err = run_script("convert_trellis", ["--src", src, "--dst", tmp_path / "file"])
+    assert rc == 2 and "the destination exists and is a file" in error_line(err)
+
+
+def test_pipeline_json_without_a_stage1_flow_entry_is_reported(tmp_path):
+    write_trellis_folder(str(tmp_path / "src"))
+    with open(tmp_path / "src" / "pipeline.json") as f:
+        pipe = json.load(f)
+    del pipe["args"]["models"]["sparse_structure_flow_model"]
+    with open(tmp_path / "src" / "pipeline.json", "w") as f:
+        json.dump(pipe, f)
+    rc, _, err = run_script("convert_trellis", ["--src", tmp_path / "src", "--dst", tmp_path / "dst"])
+    assert rc == 2 and "pipeline.json: args.models has no 'sparse_structure_flow_model' entry" in error_line(err)
+    assert not os.path.exists(tmp_path / "dst")
+
+
+def test_float64_and_non_finite_tensors_are_refused_naming_them():
+    sd = random_state_dict(FLOW_CFG)
+    sd["out_layer.weight"] = sd["out_layer.weight"].astype(np.float64)
+    sd[KEY] = sd[KEY].copy()
+    sd[KEY][0, :3] = [np.nan, np.inf, -np.inf]
+    msg = convert_bad(sd)
+    assert "mis-typed key 'out_layer.weight': dtype float64, expected one of ('float16', 'bfloat16', 'float32')" in msg
+    assert f"tensor '{KEY}' has 3 non-finite value(s)" in msg
+
+
+def test_a_converted_folder_with_non_finite_params_is_refused(dst, tmp_path):
+    folder = tmp_path / "nan"
+    os.makedirs(folder)
+    flat = load_file(os.path.join(dst, DECODER_NAME, "params.safetensors"))
+    flat["out_layer_2/bias"] = np.full_like(flat["out_layer_2/bias"], np.nan)
+    save_file(flat, str(folder / "params.safetensors"))
+    for name in ("config.json", "manifest.json"):
+        with open(os.path.join(dst, DECODER_NAME, name)) as f_in, open(folder / name, "w") as f_out:
+            f_out.write(f_in.read())
+    with pytest.raises(ConversionError, match="tensor 'out_layer_2/bias' has 1 non-finite value"):
+        load_pretrained(str(folder))
 
 
 @pytest.mark.parametrize("name", [FLOW_NAME, DECODER_NAME])

@@ -1,5 +1,7 @@
 """The TFDS dataset and the converter from DSO's on-disk layout (torch .pt files)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,27 @@ from dso_jax.data import synthetic, tfds_dso
 
 SHAPES = dict(cond_len=6, cond_channels=8, latent_channels=2, resolution=4)
 COND, LAT = (6, 8), (2, 4, 4, 4)
+
+
+def write_dso_layout(category_dir, records) -> None:
+    """``records`` in DSO's preprocessing layout (dso.md §2): bf16 ``.pt`` tensors, ``model_info.npz``."""
+    import torch
+
+    for rec in records:
+        d = os.path.join(category_dir, rec["object_id"])
+        os.makedirs(d, exist_ok=True)
+        bf16 = lambda a: torch.from_numpy(np.asarray(a, np.float32)).to(torch.bfloat16)  # noqa: E731
+        for v, cond in zip(rec["image_ids"], rec["cond"]):
+            torch.save(bf16(cond), os.path.join(d, f"{v:03d}_cond.pt"))
+        for i, k, lat in zip(rec["latent_image_ids"], rec["latent_glb_ids"], rec["latents"]):
+            torch.save(bf16(lat), os.path.join(d, f"{i:03d}_sparse_sample_{k:03d}.pt"))
+        np.savez(
+            os.path.join(d, "model_info.npz"),
+            image_ids=np.asarray(rec["latent_image_ids"], np.int8),
+            glb_ids=np.asarray(rec["latent_glb_ids"], np.int8),
+            angles=np.asarray(rec["angles"], np.float16).reshape(-1, 1),
+        )
+        np.save(os.path.join(d, "available_images.npy"), np.asarray(rec["image_ids"], np.int64))
 
 
 def test_dataset_round_trips_records_bit_exactly(tmp_path):
@@ -25,7 +48,7 @@ def test_dataset_round_trips_records_bit_exactly(tmp_path):
 def test_converter_reads_dso_layout(tmp_path):
     pytest.importorskip("torch")
     records = synthetic.make_records(num_objects=3, views=2, latents_per_view=4, **SHAPES)
-    synthetic.write_dso_layout(str(tmp_path / "category"), records)
+    write_dso_layout(str(tmp_path / "category"), records)
     # Models with glb_id >= num_models_per_image (3 here) are ignored, like DSO's filter.
     path = tfds_dso.convert_dso_layout(
         str(tmp_path / "category"), str(tmp_path / "tfds"), 3, cond_shape=COND, latent_shape=LAT
@@ -46,7 +69,7 @@ def test_converter_reads_dso_layout(tmp_path):
 def test_converter_names_a_file_with_the_wrong_shape(tmp_path):
     torch = pytest.importorskip("torch")
     records = synthetic.make_records(num_objects=1, views=1, latents_per_view=2, **SHAPES)
-    synthetic.write_dso_layout(str(tmp_path / "c"), records)
+    write_dso_layout(str(tmp_path / "c"), records)
     bad = tmp_path / "c" / "obj0000" / "000_sparse_sample_001.pt"
     torch.save(torch.zeros((8, 16, 16, 16), dtype=torch.bfloat16), bad)
     with pytest.raises(ValueError, match=r"000_sparse_sample_001.pt: shape \(8, 16, 16, 16\), expected \(2, 4, 4, 4\)"):

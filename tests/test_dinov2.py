@@ -4,7 +4,6 @@ Parity uses random weights saved through a PyTorch state dict and converted by o
 weights cannot be downloaded here). Tolerance: max |flax - torch| / max |torch| <= 1e-4 in float32.
 """
 
-import importlib.util
 import json
 import os
 import pickle
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_cli import error_line, run_script
 from twins.dinov2_twin import DinoV2Twin, randomize_, state_dict_numpy
 
 from dso_jax.convert.dinov2 import (
@@ -214,25 +214,24 @@ def test_pth_is_read_with_weights_only(tmp_path):
     np.testing.assert_array_equal(sd["pos_embed"], twin.pos_embed.detach().numpy())
     evil = str(tmp_path / "evil.pth")
     torch.save({"x": pickle.PickleError("arbitrary object")}, evil)  # not loadable with weights_only=True
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(
+        ConversionError, match=r"evil.pth: not loadable with torch.load\(weights_only=True\), refused"
+    ) as e:
         load_dinov2_pth(evil)
+    assert "\x1b" not in str(e.value) and "\n" not in str(e.value)  # one plain line (torch colours its message)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(open(path, "rb").read()[:100])
+    with pytest.raises(ConversionError, match="cut.pth: not a readable PyTorch state dict"):
+        load_dinov2_pth(str(cut))
 
 
-def _convert_cli():
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "convert_dinov2.py")
-    spec = importlib.util.spec_from_file_location("convert_dinov2_cli", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_cli_writes_safetensors_config_manifest_and_verifies(tmp_path, capsys):
+def test_cli_writes_safetensors_config_manifest_and_verifies(tmp_path):
     cfg = dm.get_config("tiny_reg4")
     twin = random_twin(cfg)
     src, dst = str(tmp_path / "dinov2_tiny.pth"), str(tmp_path / "out")
     torch.save(twin.state_dict(), src)
-    assert _convert_cli().main(["--src", src, "--dst", dst, "--config", "tiny_reg4", "--verify"]) == 0
-    assert "verify ok" in capsys.readouterr().out
+    rc, stdout, _ = run_script("convert_dinov2", ["--src", src, "--dst", dst, "--config", "tiny_reg4", "--verify"])
+    assert rc == 0 and "verify ok" in stdout
     manifest = json.load(open(os.path.join(dst, "manifest.json")))
     assert manifest["source_sha256"] == sha256_file(src)
     assert len(manifest["tensors"]) == len(twin.state_dict())
@@ -241,3 +240,26 @@ def test_cli_writes_safetensors_config_manifest_and_verifies(tmp_path, capsys):
     assert dm.config_from_dict(config) == cfg
     expected = convert_dinov2_state_dict(state_dict_numpy(twin), cfg)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, expected)
+
+
+def test_cli_refuses_bad_sources_and_destinations_in_one_line(tmp_path):
+    cfg = dm.get_config("tiny_reg4")
+    sd = random_twin(cfg).state_dict()
+    src = str(tmp_path / "w.pth")
+    torch.save(sd, src)
+    nan = {k: v.clone() for k, v in sd.items()}
+    nan["norm.weight"][0] = float("nan")
+    torch.save(nan, tmp_path / "nan.pth")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    argv = ["--config", "tiny_reg4", "--dst"]
+    cases = {
+        "missing.pth: no such file": ["--src", tmp_path / "missing.pth", *argv, tmp_path / "a"],
+        "non-finite: norm.weight has 1 NaN/Inf values": ["--src", tmp_path / "nan.pth", *argv, tmp_path / "b"],
+        "full: the destination exists and is not empty": ["--src", src, *argv, tmp_path / "full"],
+        "argument --config: invalid choice": ["--src", src, "--config", "vit_huge", "--dst", tmp_path / "c"],
+    }
+    for needle, args in cases.items():
+        rc, _, err = run_script("convert_dinov2", args)
+        assert rc == 2 and needle in error_line(err), (needle, err)
+    assert sorted(os.listdir(tmp_path)) == ["full", "nan.pth", "w.pth"]  # nothing partial was left behind

@@ -14,9 +14,12 @@ import os
 import numpy as np
 import pytest
 import trimesh
+from helpers_cli import error_line, run_script
 from PIL import Image
 
-from dso_jax import generate, lora
+from dso_jax import generate, lora, pipeline
+from dso_jax.convert import peft
+from dso_jax.models import pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,11 +53,11 @@ def peft_file(tmp_path_factory):
     """A rank-4 LoRA (alpha 8) for the tiny flow, with non-zero B so it changes the model."""
     import jax
 
-    models = generate.load_models(random_weights="tiny")
+    models = pretrained.load_models(random_weights="tiny")
     overlay = lora.init_overlay(jax.random.PRNGKey(1), models.flow_params, rank=4, alpha=8.0)
     overlay = overlay.replace(factors=jax.tree.map(lambda x: x + 0.05, overlay.factors))
     path = str(tmp_path_factory.mktemp("lora") / "lora.safetensors")
-    lora.save_peft(path, models.flow_params, overlay, full_state_dict=False)
+    peft.save_peft(path, models.flow_params, overlay, full_state_dict=False)
     return path
 
 
@@ -93,7 +96,7 @@ def test_coords_are_the_occupancy_of_the_saved_latent(sampled):
     import jax
 
     _, out = sampled
-    models = generate.load_models(random_weights="tiny")
+    models = pretrained.load_models(random_weights="tiny")
     latent = np.load(os.path.join(out, "chair_000_ss_latent.npy"))
     logits = np.asarray(jax.jit(models.decoder)(models.decoder_params, latent))  # (1, 1, 64, 64, 64)
     expected = np.argwhere(logits[:, 0] > 0)
@@ -133,7 +136,7 @@ def test_sample_skips_finished_images_and_rejects_name_clashes(sampled, tmp_path
 def test_a_noise_file_reproduces_the_seeded_run(sampled, tmp_path):
     image, base_out = sampled
     noise = str(tmp_path / "noise.npy")
-    np.save(noise, generate.noise_for_seeds([0, 1], (8, 16, 16, 16)))  # what --seed 0 draws
+    np.save(noise, pipeline.noise_for_seeds([0, 1], (8, 16, 16, 16)))  # what --seed 0 draws
     out = str(tmp_path / "from_file")
     _script("sample")(["--image", image, "--out", out, "--num_samples", "2", "--noise_file", noise, *FAST])
     for k in range(2):
@@ -150,7 +153,7 @@ def test_models_load_from_trellis_prefixes_and_a_converted_dinov2_folder(tmp_pat
     from dso_jax.convert import rules, trellis
     from dso_jax.models import dinov2
 
-    flow_args, dec_args, dino_name = generate.RANDOM_PRESETS["tiny"]
+    flow_args, dec_args, dino_name = pretrained.RANDOM_PRESETS["tiny"]
     prefixes = {}
     for name, cls, args in (("flow", trellis.FLOW, flow_args), ("dec", trellis.DECODER, dec_args)):
         config = {"name": cls, "args": dict(args)}
@@ -158,7 +161,7 @@ def test_models_load_from_trellis_prefixes_and_a_converted_dinov2_folder(tmp_pat
             str(tmp_path / "ckpts" / name), config, helpers_trellis.random_state_dict(config)
         )
     cfg = dinov2.get_config(dino_name)
-    flat = rules.flatten(generate.load_models(random_weights="tiny").dinov2_params)
+    flat = rules.flatten(pretrained.load_models(random_weights="tiny").dinov2_params)
     flat = {k: np.asarray(v) for k, v in flat.items()}
     folder = tmp_path / "dinov2"
     folder.mkdir()
@@ -168,33 +171,33 @@ def test_models_load_from_trellis_prefixes_and_a_converted_dinov2_folder(tmp_pat
         json.dumps({"tensors": [{"name": k, "shape": list(a.shape), "dtype": str(a.dtype)} for k, a in flat.items()]})
     )
 
-    models = generate.load_models(prefixes["flow"], prefixes["dec"], str(folder))
+    models = pretrained.load_models(prefixes["flow"], prefixes["dec"], str(folder))
     assert models.latent_shape == (8, 16, 16, 16) and models.dinov2_cfg == cfg
     assert models.source["flow"] == os.path.abspath(prefixes["flow"]) and models.source["weights_seed"] is None
     with pytest.raises(ValueError, match="no path for --decoder, --dinov2; pass them or --random_weights"):
-        generate.load_models(prefixes["flow"])
+        pretrained.load_models(prefixes["flow"])
     trellis_folder = tmp_path / "converted_flow"
     trellis_folder.mkdir()
     (trellis_folder / "config.json").write_text(json.dumps({"name": trellis.FLOW, "args": flow_args}))
     with pytest.raises(ValueError, match="is a converted TRELLIS model folder, not DINOv2"):
-        generate.load_dinov2(str(trellis_folder))
-    monkeypatch.setitem(generate.RANDOM_PRESETS, "tiny", (flow_args, dec_args, "vitl14_reg4_2blocks"))
+        pretrained.load_dinov2(str(trellis_folder))
+    monkeypatch.setitem(pretrained.RANDOM_PRESETS, "tiny", (flow_args, dec_args, "vitl14_reg4_2blocks"))
     with pytest.raises(ValueError, match="flow cond_channels 64 != DINOv2 embed_dim 1024"):
-        generate.load_models(prefixes["flow"], prefixes["dec"], random_weights="tiny")
+        pretrained.load_models(prefixes["flow"], prefixes["dec"], random_weights="tiny")
 
 
 def test_noise_is_keyed_by_seed_only_and_a_noise_file_is_checked(tmp_path):
     import jax
 
     shape = (8, 16, 16, 16)
-    n = generate.noise_for_seeds([3, 0], shape)
-    np.testing.assert_array_equal(n[1], generate.noise_for_seeds([0], shape)[0])
+    n = pipeline.noise_for_seeds([3, 0], shape)
+    np.testing.assert_array_equal(n[1], pipeline.noise_for_seeds([0], shape)[0])
     np.testing.assert_array_equal(n[0], np.asarray(jax.random.normal(jax.random.PRNGKey(3), shape)))
     path = str(tmp_path / "noise.npy")
     np.save(path, n)
-    np.testing.assert_array_equal(generate.load_noise(path, 2, shape), n)
+    np.testing.assert_array_equal(pipeline.load_noise(path, 2, shape), n)
     with pytest.raises(ValueError, match=r"noise.npy: noise has shape \(2, 8, 16, 16, 16\), expected \(4, 8, 16"):
-        generate.load_noise(path, 4, shape)
+        pipeline.load_noise(path, 4, shape)
 
 
 def test_generate_data_to_tfds_to_training_with_resume(tmp_path, capsys):
@@ -238,7 +241,7 @@ def test_generate_data_to_tfds_to_training_with_resume(tmp_path, capsys):
 
     config = dro.get_config("tiny")
     config.data.kind, config.data.path = "tfds", out
-    for key, value in generate.RANDOM_PRESETS["tiny"][0].items():
+    for key, value in pretrained.RANDOM_PRESETS["tiny"][0].items():
         config.model.args[key] = value
     config.train.steps, config.train.ckpt_every, config.train.log_every = 2, 2, 1
     config.train.batch_size, config.train.grad_accum = 2, 1
@@ -275,3 +278,48 @@ def test_generate_eval_names_meshes_for_the_evaluators_with_and_without_lora(tmp
     ids.write_text("objaverse_only\n")
     with pytest.raises(ValueError, match="matches none"):
         _script("generate_eval")(["--images", str(images / "*" / "*.png"), "--out", str(out), "--ids", str(ids), *FAST])
+
+
+def test_a_lora_file_brings_its_own_alpha(sampled, peft_file, tmp_path):
+    image, _ = sampled
+    runs = {"explicit": ["--lora_alpha", "8"], "from_file": []}  # the file's metadata says alpha 8 (rank 4)
+    for name, extra in runs.items():
+        argv = ["--image", image, "--out", str(tmp_path / name), "--lora", peft_file, *extra, *FAST]
+        _script("sample")(argv)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "explicit" / "chair_000_ss_latent.npy"),
+        np.load(tmp_path / "from_file" / "chair_000_ss_latent.npy"),
+    )
+    models = _json(tmp_path / "from_file" / "settings.json")["models"]
+    assert (models["lora_alpha"], models["lora_rank"]) == (8.0, 4)  # not DSO's 128 (16x too strong here)
+
+
+def test_a_non_finite_sample_is_reported_as_such(sampled, tmp_path):
+    import jax
+
+    image, _ = sampled
+    models = pretrained.load_models(random_weights="tiny")
+    overlay = lora.init_overlay(jax.random.PRNGKey(1), models.flow_params, rank=4, alpha=8.0)
+    huge = overlay.replace(factors=jax.tree.map(lambda x: x * 0 + 1e20, overlay.factors))  # finite, overflows
+    path = str(tmp_path / "huge.safetensors")
+    peft.save_peft(path, models.flow_params, huge, full_state_dict=False)
+    out = tmp_path / "out"
+    rc, stdout, _ = run_script("sample", ["--image", image, "--out", out, "--lora", path, *FAST])
+    assert rc == 0
+    failures = _json(out / "failures.json")
+    assert failures == {f"{image} sample 0": generate.NONFINITE}
+    assert "non-finite sample" in stdout and not list(out.glob("*.glb")) and not list(out.glob("*.npy"))
+
+
+def test_a_full_disk_is_one_line(sampled, tmp_path, monkeypatch):
+    import errno
+
+    image, _ = sampled
+
+    def full(path, arr):
+        raise OSError(errno.ENOSPC, "No space left on device", path + ".tmp")
+
+    monkeypatch.setattr(generate, "_save_npy", full)
+    rc, _, err = run_script("sample", ["--image", image, "--out", tmp_path / "o", *FAST])
+    assert rc == 2 and "no space left on the device writing " in error_line(err)
+    assert "chair_000_ss_latent.npy.tmp" in error_line(err)

@@ -109,7 +109,8 @@ def test_rgb_without_mask_or_background_says_what_to_provide(tmp_path, mode):
     with pytest.raises(ImageInputError) as e:
         preprocess_image(path)
     msg = str(e.value)
-    assert str(path) in msg and "--mask" in msg and "--background" in msg and "\n" not in msg
+    assert str(path) in msg and "--background" in msg and "alpha" in msg and "\n" not in msg
+    assert "--mask" not in msg  # no CLI has such a flag
 
 
 def test_rgb_with_mask_file_equals_rgba_with_that_alpha(tmp_path):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from dso_jax import lora, losses
+from dso_jax.convert import peft as peft_io
 from dso_jax.models import SparseStructureFlowModel
 
 torch = pytest.importorskip("torch")
@@ -326,7 +327,7 @@ def test_overlay_gradients_match_peft_twin(name):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    overlay = lora.load_peft(model.state_dict(), params, alpha=8.0)
+    overlay = peft_io.load_peft(model.state_dict(), params, alpha=8.0)
 
     r, c = args["resolution"], args["in_channels"]
     rs = np.random.RandomState(0)
@@ -360,7 +361,7 @@ def test_overlay_gradients_match_peft_twin(name):
                 pname.replace("base_model.model.", "").rsplit(".lora_B", 1)[0]
             )
         ]
-        ours = np.asarray(lora._get(grads.factors, path)["b"]).T
+        ours = np.asarray(lora.get_path(grads.factors, path)["b"]).T
         ref = p.grad.numpy()
         worst = max(worst, np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
     assert worst <= 1e-4, f"max relative gradient error {worst:.3g}"

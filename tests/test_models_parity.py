@@ -208,7 +208,7 @@ def decoder_pair(args, seed=0):
     module = model_from_config(trellis.DECODER, config["args"])
     twin = tw.SparseStructureDecoder(**{**args, "use_fp16": False})
     twin.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
-    return make_apply_fn(module), trellis.convert_ss_decoder(sd, config), twin
+    return make_apply_fn(module), trellis.convert_state_dict(sd, config), twin
 
 
 @pytest.mark.parametrize(
@@ -246,7 +246,7 @@ def test_flow_model_half_precision_torso_matches_loosely():
     outs = {}
     for dtype in (jnp.float32, jnp.bfloat16):
         module = model_from_config(trellis.FLOW, config["args"], dtype=dtype)
-        params = trellis.convert_ss_flow(sd, config, buffers=buffers_of(module))
+        params = trellis.convert_state_dict(sd, config, buffers=buffers_of(module))
         outs[dtype] = np.asarray(jax.jit(make_apply_fn(module))(params, x, t, cond))
     assert outs[jnp.bfloat16].dtype == np.float32  # output in the input dtype, like the original
     assert_parity(outs[jnp.float32], ref16, rel=5e-3)

@@ -52,7 +52,7 @@ def test_reference_mass_matches_mesh_body():
     np.testing.assert_allclose(res["com"], b["com"], atol=1e-9)
 
 
-def test_simulate_glb_reads_files(tmp_path):
+def test_evaluate_files_reads_files(tmp_path):
     path = tmp_path / "cube.glb"
     shapes.box_mesh((0.5, 0.5, 0.5)).export(path)
-    assert reference.simulate_glb(str(path), up_dir="y", rescale=True) < 1.0
+    assert reference.evaluate_files([str(path)], up_dir="y", rescale=True, workers=1)[0]["angle"] < 1.0

@@ -132,3 +132,40 @@ def test_command_line_overrides_keep_types_and_name_bad_keys():
         rollout.with_overrides(base, ["num_spheres=8"], flag="--sim")
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         rollout.with_overrides(base, ["horizon_s"])
+
+
+def test_mjx_import_is_quiet_about_warp_when_warp_is_not_used():
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("warp") is not None:
+        pytest.skip("warp-lang is installed: MJX has nothing to complain about")
+    code = "from dso_jax.physics import rollout; rollout.make_simulator(rollout.default_sim_config()); print('built')"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["built"]  # MJX's "Failed to import warp" lines are gone, nothing else is
+    assert "warp" not in run.stderr
+
+
+def test_sim_presets_are_reachable_from_the_command_line():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    rollout.add_sim_args(parser, default_preset="occupancy")
+    cfg = rollout.sim_config_from_args(parser.parse_args([]))
+    assert cfg.to_dict() == rollout.default_sim_config().to_dict()
+    cfg = rollout.sim_config_from_args(parser.parse_args(["--sim_preset", "mesh", "--sim", "horizon_s=3.0"]))
+    want = rollout.mesh_sim_config()
+    assert cfg.num_points == want.num_points != rollout.default_sim_config().num_points  # DSO's evaluation settings
+    assert cfg.timestep == want.timestep and cfg.horizon_s == 3.0
+    with pytest.raises(ValueError, match="--sim 'horizon=3'"):
+        rollout.sim_config_from_args(parser.parse_args(["--sim", "horizon=3"]))

@@ -10,15 +10,16 @@ The output is float32 (master weights); the released file is float32 already.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import re
 from typing import Callable
 
 import numpy as np
 
+from dso_jax.convert.files import read_json, read_safetensors, staged_folder, write_json
 from dso_jax.convert.rules import flatten, sha256_file, unflatten
 from dso_jax.convert.trellis import CONFIG_FILE, MANIFEST_FILE, PARAMS_FILE
-from dso_jax.convert.verify import ConversionError  # noqa: F401  (raised here; re-exported for callers)
+from dso_jax.convert.verify import ConversionError, check_finite
 
 Rule = Callable[[np.ndarray], np.ndarray]
 
@@ -77,8 +78,11 @@ def dinov2_key_table(cfg) -> list[tuple[str, str, Rule, tuple[int, ...]]]:
     return t
 
 
-def convert_dinov2_state_dict(sd: dict[str, np.ndarray], cfg) -> dict:
-    """PyTorch state dict (numpy arrays) -> nested Flax params (float32) for ``DinoVisionTransformer(cfg)``."""
+def convert_dinov2_state_dict(sd: dict[str, np.ndarray], cfg, *, source: str = "DINOv2 state dict") -> dict:
+    """PyTorch state dict (numpy arrays) -> nested Flax params (float32) for ``DinoVisionTransformer(cfg)``.
+
+    Refuses, in one error, every missing, unexpected, mis-shaped, non-float or non-finite tensor.
+    """
     table = dinov2_key_table(cfg)
     expected = {k: shape for k, _, _, shape in table}
     problems = [f"missing: {k} {expected[k]}" for k in expected if k not in sd]
@@ -91,9 +95,11 @@ def convert_dinov2_state_dict(sd: dict[str, np.ndarray], cfg) -> dict:
             problems.append(f"shape: {k} is {tuple(a.shape)}, expected {shape}")
         elif not np.issubdtype(np.asarray(a).dtype, np.floating):
             problems.append(f"dtype: {k} is {np.asarray(a).dtype}, expected a floating type")
+        elif not np.all(np.isfinite(a)):
+            problems.append(f"non-finite: {k} has {int(a.size - np.count_nonzero(np.isfinite(a)))} NaN/Inf values")
     if problems:
         raise ConversionError(
-            f"DINOv2 state dict does not match the config ({len(problems)} problems):\n  " + "\n  ".join(problems)
+            f"{source} does not match the DINOv2 config ({len(problems)} problems):\n  " + "\n  ".join(problems)
         )
     return unflatten(
         {fpath: np.ascontiguousarray(rule(np.asarray(sd[tkey], np.float32))) for tkey, fpath, rule, _ in table}
@@ -101,14 +107,28 @@ def convert_dinov2_state_dict(sd: dict[str, np.ndarray], cfg) -> dict:
 
 
 def load_dinov2_pth(path: str) -> dict[str, np.ndarray]:
-    """Read a DINOv2 ``.pth`` state dict safely (``torch.load(weights_only=True)``) as float32 numpy arrays."""
+    """Read a DINOv2 ``.pth`` state dict safely (``torch.load(weights_only=True)``) as float32 numpy arrays.
+
+    A file that needs full unpickling (arbitrary objects) is refused, never executed.
+    """
+    import pickle
+
     try:
         import torch  # lazy: only this reader needs torch
     except ImportError as e:
         raise ImportError(
             f"reading {path} needs PyTorch (pip install torch); converted safetensors load without it"
         ) from e
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours its message
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise ConversionError(f"{path}: not loadable with torch.load(weights_only=True), refused ({first})") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated zip, not a torch file
+        raise ConversionError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {e})") from e
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ConversionError(f"{path}: expected a flat state dict of tensors (the hub's *_pretrain.pth)")
     return {k: v.detach().to(torch.float32).numpy() for k, v in sd.items()}
@@ -119,40 +139,41 @@ def load_dinov2_pth(path: str) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def convert_dinov2_file(src: str, dst: str, cfg) -> dict:
-    """Convert a ``.pth`` into ``dst/`` (params, config, manifest); returns the nested params."""
+def convert_dinov2_file(src: str, dst: str, cfg, *, overwrite: bool = False) -> dict:
+    """Convert a ``.pth`` into ``dst/`` (params, config, manifest); returns the nested params.
+
+    Written into a temporary sibling and renamed when complete; a non-empty ``dst`` is refused unless ``overwrite``.
+    """
     from safetensors.numpy import save_file
 
-    params = convert_dinov2_state_dict(load_dinov2_pth(src), cfg)
-    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
-    os.makedirs(dst, exist_ok=True)
-    save_file(flat, os.path.join(dst, PARAMS_FILE))
-    with open(os.path.join(dst, CONFIG_FILE), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
-    manifest = {
-        "model": "dinov2",
-        "source": os.path.basename(src),
-        "source_sha256": sha256_file(src),
-        "num_params": int(sum(a.size for a in flat.values())),
-        "tensors": [{"name": k, "shape": list(a.shape), "dtype": str(a.dtype)} for k, a in sorted(flat.items())],
-    }
-    with open(os.path.join(dst, MANIFEST_FILE), "w") as f:
-        json.dump(manifest, f, indent=1)
+    with staged_folder(dst, overwrite=overwrite) as tmp:
+        params = convert_dinov2_state_dict(load_dinov2_pth(src), cfg, source=src)
+        flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+        save_file(flat, os.path.join(tmp, PARAMS_FILE))
+        write_json(os.path.join(tmp, CONFIG_FILE), dataclasses.asdict(cfg))
+        manifest = {
+            "model": "dinov2",
+            "source": os.path.basename(src),
+            "source_sha256": sha256_file(src),
+            "num_params": int(sum(a.size for a in flat.values())),
+            "tensors": [{"name": k, "shape": list(a.shape), "dtype": str(a.dtype)} for k, a in sorted(flat.items())],
+        }
+        write_json(os.path.join(tmp, MANIFEST_FILE), manifest)
     return params
 
 
 def load_converted_dinov2(path: str) -> tuple[dict, dict]:
     """Read a converted directory -> (config dict, nested float32 params), checked against its manifest."""
-    from safetensors.numpy import load_file
-
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        config = json.load(f)
-    with open(os.path.join(path, MANIFEST_FILE)) as f:
-        manifest = json.load(f)
-    flat = load_file(os.path.join(path, PARAMS_FILE))
-    listed = {t["name"]: (tuple(t["shape"]), t["dtype"]) for t in manifest["tensors"]}
+    config = read_json(os.path.join(path, CONFIG_FILE))
+    manifest = read_json(os.path.join(path, MANIFEST_FILE))
+    flat = read_safetensors(os.path.join(path, PARAMS_FILE))
+    tensors = manifest.get("tensors") if isinstance(manifest, dict) else None
+    if not isinstance(tensors, list):
+        raise ConversionError(f"{os.path.join(path, MANIFEST_FILE)}: no 'tensors' list")
+    listed = {t["name"]: (tuple(t["shape"]), t["dtype"]) for t in tensors}
     found = {k: (tuple(a.shape), str(a.dtype)) for k, a in flat.items()}
     if listed != found:
         bad = sorted(k for k in set(listed) | set(found) if listed.get(k) != found.get(k))
         raise ConversionError(f"{path}: {PARAMS_FILE} does not match {MANIFEST_FILE} at {bad}")
+    check_finite(flat, source=os.path.join(path, PARAMS_FILE))
     return config, unflatten(flat)

@@ -21,15 +21,15 @@ File formats:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from typing import Iterable, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
 from dso_jax.convert import rules
+from dso_jax.convert.files import read_json, read_safetensors, write_json
 from dso_jax.convert.rules import BUFFER, flatten, unflatten
-from dso_jax.convert.verify import ConversionError, diff_lines, raise_if
+from dso_jax.convert.verify import ConversionError, diff_lines, is_float, raise_if
 
 FLOW = "SparseStructureFlowModel"
 DECODER = "SparseStructureDecoder"
@@ -46,6 +46,7 @@ FORMAT = "dso_jax.converted.v1"
 BUFFER_ATOL = 1e-5  # stored buffers must equal their recomputed value to this absolute tolerance
 
 F16, F32 = "float16", "float32"
+STORED_DTYPES = (F16, "bfloat16", F32)  # what a checkpoint may store; float64 is refused, not silently narrowed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +249,19 @@ def convert_state_dict(
     table = key_table(config, source=source)
     lines = diff_lines(_meta(state_dict), {e.torch_key: (e.shape, None) for e in table}, source=source)
     for e in table:
+        v = state_dict.get(e.torch_key)
+        if v is None or tuple(np.shape(v)) != e.shape:
+            continue
+        dtype = np.asarray(v).dtype.name
+        if dtype not in STORED_DTYPES and is_float(dtype):
+            lines.append(
+                f"{source}: mis-typed key {e.torch_key!r}: dtype {dtype}, expected one of {STORED_DTYPES} "
+                "(TRELLIS stores float16 / float32; cast the file first if the values are meant)"
+            )
+        elif is_float(dtype) and not np.all(np.isfinite(v)):
+            bad = int(np.size(v) - np.count_nonzero(np.isfinite(v)))
+            lines.append(f"{source}: tensor {e.torch_key!r} has {bad} non-finite value(s) of {np.size(v)}")
+    for e in table:
         if e.kind != BUFFER or e.torch_key not in state_dict or tuple(np.shape(state_dict[e.torch_key])) != e.shape:
             continue
         if buffers is None or e.torch_key not in buffers:
@@ -271,24 +285,6 @@ def convert_state_dict(
             w = np.asarray(state_dict[e.torch_key], dtype=np.float32)
             flat[e.flax_key] = np.ascontiguousarray(rules.leaf_rule(e.kind, e.torch_key).to_flax(w))
     return unflatten(flat)
-
-
-def convert_ss_flow(state_dict, config, *, buffers=None, source="state dict") -> dict:
-    """:func:`convert_state_dict` for a ``SparseStructureFlowModel`` json; ``buffers={'pos_emb': ...}``."""
-    _expect_name(config, FLOW, source)
-    return convert_state_dict(state_dict, config, buffers=buffers, source=source)
-
-
-def convert_ss_decoder(state_dict, config, *, source="state dict") -> dict:
-    """:func:`convert_state_dict` for a ``SparseStructureDecoder`` json (no buffers)."""
-    _expect_name(config, DECODER, source)
-    return convert_state_dict(state_dict, config, source=source)
-
-
-def _expect_name(config, name, source):
-    if not isinstance(config, Mapping) or config.get("name") != name:
-        got = config.get("name") if isinstance(config, Mapping) else type(config).__name__
-        raise ConversionError(f"{source}: config names {got!r}, expected {name!r}")
 
 
 def expected_flax_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
@@ -331,36 +327,6 @@ def params_to_torch_state_dict(
 # ----------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------
-
-
-def write_json(path: str, obj, sort_keys: bool = False) -> None:
-    """Write ``obj`` as indented JSON, atomically (a temporary file, then a rename)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=sort_keys)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-
-
-def read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        return load_file(path)
-    except (SafetensorError, ValueError, OSError) as e:
-        raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def is_trellis_prefix(path: str) -> bool:
@@ -450,11 +416,3 @@ def read_converted(folder: str) -> tuple[dict, dict]:
     config = read_json(os.path.join(folder, CONFIG_FILE))
     key_table(config, source=os.path.join(folder, CONFIG_FILE))
     return config, unflatten(read_safetensors(os.path.join(folder, PARAMS_FILE)))
-
-
-def describe(entries: Iterable[Entry]) -> dict:
-    """Counts of a key table: entries, parameters (buffers excluded) and bytes at the released dtypes."""
-    entries = list(entries)
-    n = sum(int(np.prod(e.shape)) for e in entries if e.kind != BUFFER)
-    nbytes = sum(int(np.prod(e.shape)) * np.dtype(e.released).itemsize for e in entries)
-    return {"entries": len(entries), "params": n, "bytes": nbytes}

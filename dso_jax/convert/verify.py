@@ -43,14 +43,14 @@ def diff_lines(
         got_shape, got_dtype = found[key]
         if tuple(got_shape) != tuple(shape):
             lines.append(f"{source}: mis-shaped key {key!r}: shape {_fmt(got_shape)}, expected {_fmt(shape)}")
-        elif dtype is None and not _is_float(got_dtype):
+        elif dtype is None and not is_float(got_dtype):
             lines.append(f"{source}: mis-typed key {key!r}: dtype {got_dtype}, expected a floating type")
         elif dtype is not None and got_dtype != dtype:
             lines.append(f"{source}: mis-typed key {key!r}: dtype {got_dtype}, expected {dtype}")
     return lines
 
 
-def _is_float(dtype_name: str) -> bool:
+def is_float(dtype_name: str) -> bool:
     try:
         return np.issubdtype(np.dtype(dtype_name), np.floating)
     except TypeError:  # ml_dtypes names (bfloat16) are floats numpy does not know by name
@@ -60,6 +60,18 @@ def _is_float(dtype_name: str) -> bool:
 def raise_if(lines: Sequence[str], what: str) -> None:
     if lines:
         raise ConversionError(f"{what}: {len(lines)} problem(s)\n" + "\n".join(lines))
+
+
+def check_finite(params: Mapping, *, source: str, what: str = "weights") -> None:
+    """Raise one ConversionError naming every tensor of ``params`` (nested or flat) with NaN or Inf values."""
+    lines = []
+    for key, v in flatten(params).items():
+        a = np.asarray(v)
+        if is_float(a.dtype.name):
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            if bad:
+                lines.append(f"{source}: tensor {key!r} has {bad} non-finite value(s) of {a.size}")
+    raise_if(lines, f"{source}: non-finite {what}")
 
 
 def tree_diff(params: Mapping, expected: Mapping, *, source: str, what: str = "converted params") -> None:

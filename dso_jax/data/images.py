@@ -6,13 +6,14 @@ crop rounds the float box half-to-even and fills outside the image with transpar
 to 518x518, RGB multiplied by alpha in float32, truncated back to uint8.
 
 TRELLIS removes the background of RGB inputs with rembg (a model download). Instead we take either a
-mask file (used as alpha) or a background colour to key out; without either, RGB inputs are rejected
-with a message saying what to provide. As in TRELLIS, RGB inputs are first downscaled with LANCZOS so
+mask file (``mask_path``, used as alpha; library only) or a background colour to key out (the CLIs'
+``--background``); without either, RGB inputs are rejected with a message saying what to provide. As in TRELLIS, RGB inputs are first downscaled with LANCZOS so
 the longer side is at most 1024 px (mask resized to match), and EXIF orientation is not applied.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from typing import Optional, Sequence, Union
 
@@ -31,6 +32,16 @@ PathLike = Union[str, os.PathLike]
 
 class ImageInputError(ValueError):
     """An input image cannot be preprocessed; the message names the file and the reason."""
+
+
+def expand_images(pattern_or_paths) -> list[str]:
+    """Sorted files of a glob (or of several globs / paths); raises naming the patterns if nothing matches."""
+    patterns = [pattern_or_paths] if isinstance(pattern_or_paths, str) else list(pattern_or_paths)
+    paths = sorted({p for pat in patterns for p in (glob.glob(pat) or ([pat] if os.path.isfile(pat) else []))})
+    paths = [p for p in paths if os.path.isfile(p)]
+    if not paths:
+        raise FileNotFoundError(f"no image files match {patterns}")
+    return paths
 
 
 def has_alpha(img: Image.Image) -> bool:
@@ -143,8 +154,8 @@ def _object_rgba(img: Image.Image, path, mask_path, background, tolerance) -> Im
         rgb = _downscale_rgb(img)
         return _with_alpha(rgb, key_out_background(np.asarray(rgb), background, tolerance))
     raise ImageInputError(
-        f"{path}: image has no alpha channel (or alpha is all 255); provide a mask file "
-        "(--mask) or a background colour to key out (--background R,G,B)"
+        f"{path}: image has no alpha channel (or alpha is all 255); give it an alpha cut-out of the object "
+        "(RGBA), or pass the plain background colour to key out (--background R,G,B)"
     )
 
 

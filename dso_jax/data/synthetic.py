@@ -8,8 +8,6 @@ latents, so the "objects without both labels are dropped" path always runs.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from dso_jax.data import tfds_dso
@@ -74,28 +72,3 @@ def write_tfds(data_dir: str, records: list) -> str:
     return tfds_dso.build(
         data_dir, lambda: iter(records), num_models_per_image=max(int(r["latent_glb_ids"].max()) + 1 for r in records)
     )
-
-
-def write_dso_layout(category_dir: str, records: list) -> None:
-    """Write ``records`` in DSO's preprocessing layout (``.pt`` files via torch, imported lazily)."""
-    import torch
-
-    for rec in records:
-        d = os.path.join(category_dir, rec["object_id"])
-        os.makedirs(d, exist_ok=True)
-        for v, cond in zip(rec["image_ids"], rec["cond"]):
-            torch.save(
-                torch.from_numpy(np.asarray(cond, np.float32)).to(torch.bfloat16), os.path.join(d, f"{v:03d}_cond.pt")
-            )
-        for i, k, lat in zip(rec["latent_image_ids"], rec["latent_glb_ids"], rec["latents"]):
-            torch.save(
-                torch.from_numpy(np.asarray(lat, np.float32)).to(torch.bfloat16),
-                os.path.join(d, f"{i:03d}_sparse_sample_{k:03d}.pt"),
-            )
-        np.savez(
-            os.path.join(d, "model_info.npz"),
-            image_ids=np.asarray(rec["latent_image_ids"], np.int8),
-            glb_ids=np.asarray(rec["latent_glb_ids"], np.int8),
-            angles=np.asarray(rec["angles"], np.float16).reshape(-1, 1),
-        )
-        np.save(os.path.join(d, "available_images.npy"), np.asarray(rec["image_ids"], np.int64))

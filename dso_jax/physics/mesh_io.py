@@ -34,6 +34,16 @@ class PreparedMesh:
     warnings: tuple[str, ...] = ()
 
 
+def result_keys(paths: list[str]) -> list[str]:
+    """Keys of a per-file result table: file names when they are unique, else paths relative to the files'
+    common folder (two generations with the same name in different folders stay two rows)."""
+    names = [os.path.basename(p) for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    return [os.path.relpath(os.path.abspath(p), root) for p in paths]
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text}" if text else type(err).__name__

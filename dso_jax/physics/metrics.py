@@ -12,6 +12,9 @@ identity start), then Chamfer = mean of the two mean nearest-neighbour distances
 
 from __future__ import annotations
 
+import glob
+import os
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -25,15 +28,6 @@ def rotation_angle_deg(quat):
     norm = jnp.linalg.norm(quat, axis=-1)
     w = quat[..., 0] / jnp.maximum(norm, 1e-12)
     return jnp.degrees(2.0 * jnp.arccos(jnp.clip(w, -1.0, 1.0)))
-
-
-def tilt_deg(quat):
-    """(..., 4) quaternions -> (...,) angle between the body's z axis and the world's z axis, in degrees."""
-    quat = jnp.asarray(quat)
-    q = quat / jnp.maximum(jnp.linalg.norm(quat, axis=-1, keepdims=True), 1e-12)
-    _, x, y, _ = q[..., 0], q[..., 1], q[..., 2], q[..., 3]
-    r_zz = 1.0 - 2.0 * (x * x + y * y)
-    return jnp.degrees(jnp.arccos(jnp.clip(r_zz, -1.0, 1.0)))
 
 
 # ------------------------------------------------------------------------------------------- geometry
@@ -119,9 +113,6 @@ MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 
 def find_ground_truth(mesh_path: str, ground_truth_dir: str) -> str:
     """DSO's lookup: object id = file name up to the first '-'; GT at DIR/*/{id}.glb (also DIR/{id}.<ext>)."""
-    import glob
-    import os
-
     object_id = os.path.basename(mesh_path).split("-")[0].split(".")[0]
     hits = []
     for ext in MESH_EXTENSIONS:
@@ -151,6 +142,8 @@ def evaluate_geometry_files(
 
     if up_dir not in ("y", "z"):
         raise ValueError(f"up_dir must be y or z for geometry, got {up_dir!r}")
+    if not os.path.isdir(ground_truth_dir):  # else every mesh would fail alike, one row at a time
+        raise FileNotFoundError(f"ground truth folder {ground_truth_dir}: no such directory")
     results = []
     for path in paths:
         try:

@@ -93,26 +93,6 @@ def run_protocol(
     )
 
 
-def simulate_mesh(
-    vertices: np.ndarray,
-    faces: np.ndarray,
-    *,
-    duration: float = DURATION_S,
-    timestep: float = TIMESTEP,
-    timeout_s: float | None = None,
-) -> float:
-    """DSO's protocol on a prepared mesh -> final rotation angle in degrees; raises a one-line error."""
-    return run_protocol(vertices, faces, duration=duration, timestep=timestep, timeout_s=timeout_s)["angle"]
-
-
-def simulate_glb(
-    path: str, up_dir: str = "y", rescale: bool = True, *, max_faces: int = mesh_io.DEFAULT_MAX_FACES, **kwargs
-) -> float:
-    """DSO's protocol on a mesh file (GLB/OBJ/...): load, clean, rescale, swap the up axis, simulate."""
-    mesh = mesh_io.load_and_prepare(path, up_dir=up_dir, rescale=rescale, max_faces=max_faces)
-    return simulate_mesh(mesh.vertices, mesh.faces, **kwargs)
-
-
 def _evaluate_one(args) -> dict:
     path, up_dir, rescale, max_faces, timeout_s = args
     try:

@@ -10,7 +10,9 @@ angle < threshold.
 Public entry points:
   default_sim_config()            ConfigDict embedded by training configs as `config.physics`.
   mesh_sim_config()               the same with finer steps, for evaluating meshes.
+  SIM_PRESETS                     {'occupancy': default_sim_config, 'mesh': mesh_sim_config}.
   with_overrides(cfg, items)      cfg with command-line KEY=VALUE overrides.
+  add_sim_args / sim_config_from_args   the CLIs' `--sim_preset occupancy|mesh` and `--sim KEY=VALUE`.
   make_stability_fn(cfg)          fn(occ (B, D, D, D)) -> dict of (B,) arrays; pure, jittable.
   make_simulator(cfg)             fn(bodies dict of (B, ...)) -> dict of (B,) arrays (mesh path).
 """
@@ -18,13 +20,16 @@ Public entry points:
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
+import io
+import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
+from dso_jax.batching import map_in_chunks
 from dso_jax.physics import body as body_lib
 from dso_jax.physics import mesh_io, metrics
 
@@ -84,6 +89,25 @@ def mesh_sim_config() -> ml_collections.ConfigDict:
     return cfg
 
 
+SIM_PRESETS = {"occupancy": default_sim_config, "mesh": mesh_sim_config}  # training / label path, mesh evaluation
+
+
+def add_sim_args(parser, default_preset: str) -> None:
+    """`--sim_preset NAME` (one of SIM_PRESETS) and repeatable `--sim KEY=VALUE` on an argparse parser."""
+    parser.add_argument(
+        "--sim_preset",
+        default=default_preset,
+        choices=sorted(SIM_PRESETS),
+        help=f"physics settings: occupancy (training, default_sim_config) or mesh (evaluation); default {default_preset}",
+    )
+    parser.add_argument("--sim", action="append", default=[], metavar="KEY=VALUE", help="physics config override")
+
+
+def sim_config_from_args(args) -> ml_collections.ConfigDict:
+    """The sim config of `--sim_preset` with the `--sim` overrides applied."""
+    return with_overrides(SIM_PRESETS[args.sim_preset](), args.sim, flag="--sim")
+
+
 def with_overrides(cfg: ml_collections.ConfigDict, items, flag: str = "--set") -> ml_collections.ConfigDict:
     """A copy of `cfg` with command-line `KEY=VALUE` overrides applied (`--set` / `--sim` of the CLIs).
 
@@ -133,6 +157,25 @@ def template_xml(cfg) -> str:
 </mujoco>"""
 
 
+_WARP_IMPORT_LINES = ("Failed to import warp:", "Failed to import mujoco_warp:")
+
+
+def _import_mjx(quiet_warp: bool):
+    """`mujoco.mjx`; MJX prints "Failed to import warp" (to stdout) at import when warp-lang is absent, which only
+    matters for `impl='warp'`: with `quiet_warp` those two lines are dropped and any other output is passed on."""
+    if not quiet_warp or "mujoco.mjx" in sys.modules:
+        from mujoco import mjx
+
+        return mjx
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        from mujoco import mjx
+    for line in captured.getvalue().splitlines():
+        if not line.startswith(_WARP_IMPORT_LINES):
+            print(line)
+    return mjx
+
+
 def make_simulator(cfg):
     """Builds the MJX model once and returns simulate(bodies) -> dict of (B,) arrays.
 
@@ -140,9 +183,9 @@ def make_simulator(cfg):
     valid (B,), margin (B,). The returned function is pure and jittable; B is read from the shapes.
     """
     import mujoco
-    from mujoco import mjx
 
     impl = str(cfg.impl)
+    mjx = _import_mjx(quiet_warp=impl != "warp")
     mjm = mujoco.MjModel.from_xml_string(template_xml(cfg))
     mx = mjx.put_model(mjm, impl=impl)
     if impl == "warp":  # the fixed iteration budget is by design: silence Warp's per-call overflow warnings
@@ -238,22 +281,13 @@ def make_stability_fn(cfg):
 
 
 def simulate_mesh_bodies(cfg, bodies: list[dict], batch_size: int = 256, simulate=None) -> dict:
-    """Mesh path helper: simulates a list of `body.mesh_body` dicts in fixed-size jitted chunks (numpy out).
+    """Mesh path helper: simulates a list of `body.mesh_body` dicts in fixed-size jitted chunks (numpy out;
+    `dso_jax.batching.map_in_chunks` pads the last chunk to the compiled shape).
 
     `simulate` (optional) is a function from `make_simulator(cfg)`, possibly jitted, to reuse its compilation.
     """
     simulate = simulate or jax.jit(make_simulator(cfg))
-    stacked = body_lib.stack_bodies(bodies)
-    n = len(bodies)
-    out = []
-    for start in range(0, n, batch_size):
-        chunk = {k: v[start : start + batch_size] for k, v in stacked.items()}
-        m = len(chunk["points"])
-        if m < batch_size:  # pad to the compiled shape
-            chunk = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - m, 0)]) for k, v in chunk.items()}
-        res = jax.device_get(simulate(chunk))
-        out.append({k: np.asarray(v)[:m] for k, v in res.items()})
-    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+    return map_in_chunks(simulate, body_lib.stack_bodies(bodies), batch_size)
 
 
 def evaluate_files(
