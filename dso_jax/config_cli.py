@@ -92,7 +92,10 @@ def parse(argv: list[str], define: Callable[[flags.FlagValues], None], config_he
 
 def setup_logging() -> None:
     """INFO lines on stderr; orbax narrates every save at INFO, so only its warnings and errors stay."""
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname).1s %(asctime)s %(message)s")
+    # force: a library that logged at import time has already given the root logger a WARNING-level handler
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(levelname).1s %(asctime)s %(message)s", force=True
+    )
     quiet_orbax = lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname
     for handler in logging.getLogger().handlers:
         handler.addFilter(quiet_orbax)
