@@ -34,7 +34,7 @@ def main():
     from dso_jax.candidates import policy_params
     from dso_jax.models import pretrained
     from dso_jax.physics import rollout as physics
-    from dso_jax.train_state import TrainState
+    from dso_jax.train_state import new_state
 
     config = dro.get_config()
     config.unlock()
@@ -50,12 +50,7 @@ def main():
     stability = physics.make_stability_fn(config.physics)
     tx = optax.adamw(5e-6, weight_decay=0.01)
     overlay = lora.init_overlay(jax.random.key(1), base, rank=64, alpha=128.0)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        overlay=overlay,
-        opt_state=tx.init(overlay),
-        rng=jax.random.key_data(jax.random.key(2)),
-    )
+    state = new_state(overlay, tx, jax.random.key(2))
     b, k = args.conditions, args.candidates
     cond = jax.random.normal(jax.random.key(3), (b, 1374, 1024))
     latent = (8, 16, 16, 16)

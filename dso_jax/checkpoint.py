@@ -3,7 +3,7 @@
 Each checkpoint step holds ``state`` (the train state pytree: step, LoRA overlay, optimizer state,
 RNG key data) and ``meta`` (JSON: step, data position, loss name, wall time so far). Orbax writes into a
 temporary directory and renames it when complete, so a run killed mid-save leaves the previous checkpoint
-intact and :meth:`Checkpointer.latest_step` never returns a partial one. The frozen base weights
+intact and orbax never lists a partial one. The frozen base weights
 are not saved: they come from ``model.path`` (or the seed) again on resume.
 
 A step folder that does not restore (a truncated or removed file) is moved to
@@ -62,12 +62,8 @@ class Checkpointer:
         self._host_base = None
         self._pending: list = []  # (step, host overlay, module): exports waiting for their save to commit
 
-    def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
-
-    def restore(self, abstract_state, step: Optional[int] = None) -> tuple[Any, dict]:
-        """(state, meta) of ``step`` (default: latest); arrays land with ``abstract_state``'s shardings."""
-        step = self.latest_step() if step is None else step
+    def restore(self, abstract_state, step: int) -> tuple[Any, dict]:
+        """(state, meta) of ``step``; arrays land with ``abstract_state``'s shardings."""
         out = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         )

@@ -27,6 +27,13 @@ class TrainState:
     rng: jax.Array  # (2,) uint32 raw key data of the run's base key
 
 
+def new_state(overlay: lora.Overlay, tx, key: jax.Array) -> TrainState:
+    """Step 0 of a run: ``overlay``, its fresh optimizer state, ``key``'s data as the run's key."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), overlay=overlay, opt_state=tx.init(overlay), rng=jax.random.key_data(key)
+    )
+
+
 def compute_dtype(name: str):
     """'auto' -> bfloat16 on an accelerator, float32 on the CPU."""
     if name == "auto":
@@ -71,11 +78,6 @@ def state_initializer(config, abstract_base, tx, root_key) -> Callable[[jax.Arra
         overlay = lora.init_overlay(
             key, abstract_base, rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets)
         )
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            overlay=overlay,
-            opt_state=tx.init(overlay),
-            rng=jax.random.key_data(jax.random.fold_in(root_key, 2)),
-        )
+        return new_state(overlay, tx, jax.random.fold_in(root_key, 2))
 
     return init

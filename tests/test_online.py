@@ -11,7 +11,7 @@ from dso_jax import lora, online
 from dso_jax.models import SparseStructureFlowModel
 from dso_jax.physics.rollout import default_sim_config, make_stability_fn
 from dso_jax.toy import codec as toy_codec
-from dso_jax.train_state import TrainState
+from dso_jax.train_state import new_state
 
 
 def _tiny_setup(loss="dro"):
@@ -65,12 +65,7 @@ def test_first_pair_picks_stable_winner_and_masks_uniform_conditions():
 
 
 def _state(tx, overlay):
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        overlay=overlay,
-        opt_state=tx.init(overlay),
-        rng=jax.random.key_data(jax.random.PRNGKey(3)),
-    )
+    return new_state(overlay, tx, jax.random.PRNGKey(3))
 
 
 def _step(cfg, apply_fn, decode_fn, stability_fn, tx):
@@ -94,8 +89,8 @@ def test_one_compiled_step_samples_simulates_and_updates_only_the_overlay():
     step = _step(cfg, apply_fn, decode_fn, stability_fn, tx)  # the MJX simulator inside the step
     base_before = jax.tree.map(np.asarray, base)
     compiled = jax.jit(step).lower(_state(tx, overlay), {"cond": cond}, base, {}).compile()
-    new_state, metrics = compiled(_state(tx, overlay), {"cond": cond}, base, {})
-    assert int(new_state.step) == 2  # two updates on one batch of samples
+    updated, metrics = compiled(_state(tx, overlay), {"cond": cond}, base, {})
+    assert int(updated.step) == 2  # two updates on one batch of samples
     for k in ("stable_rate", "mean_angle", "usable_frac", "valid_frac", "loss", "grad_norm"):
         assert np.isfinite(float(metrics[k])), k
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), base_before, base)
@@ -108,10 +103,10 @@ def test_labelled_candidates_move_the_overlay():
     overlay = lora.init_overlay(jax.random.PRNGKey(2), base, rank=2, alpha=4.0)
     overlay = overlay.replace(factors=jax.tree.map(lambda x: x + 0.01, overlay.factors))
     step = jax.jit(_step(cfg, apply_fn, decode_fn, _alternating_verdicts, tx))
-    new_state, metrics = step(_state(tx, overlay), {"cond": cond}, base, {})
+    updated, metrics = step(_state(tx, overlay), {"cond": cond}, base, {})
     assert float(metrics["usable_frac"]) == 1.0 and float(metrics["stable_rate"]) == 0.5
     assert float(metrics["mean_angle"]) == pytest.approx(45.5)
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state.overlay.factors, overlay.factors)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), updated.overlay.factors, overlay.factors)
     assert min(jax.tree.leaves(moved)) > 0
 
 

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     import ml_collections
     from configs import dro
     from dso_jax import lora, losses, optim, sharding, train
-    from dso_jax.train_state import TrainState
+    from dso_jax.train_state import new_state
     from dso_jax.models import pretrained
 
     assert jax.device_count() == 8
@@ -49,8 +49,7 @@ SCRIPT = textwrap.dedent(
     def run(data, fsdp):
         mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, distributed=False)),
                                   devices=jax.devices()[: data * fsdp])
-        state = TrainState(step=jnp.zeros((), jnp.int32), overlay=overlay, opt_state=tx.init(overlay),
-                                 rng=jax.random.key_data(jax.random.key(0)))
+        state = new_state(overlay, tx, jax.random.key(0))
         s_sh = sharding.param_shardings(state, mesh, min_size=1)  # shard even tiny arrays over fsdp
         b_sh = sharding.param_shardings(base, mesh, min_size=1)
         fn = jax.jit(step_fn, in_shardings=(s_sh, sharding.batch_sharding(mesh, 1), b_sh),

@@ -12,7 +12,7 @@ from dso_jax import lora, losses, online, optim, train
 from dso_jax.metrics_writer import MetricWriter
 from dso_jax.models import pretrained
 from dso_jax.toy.pool import ConditionPool
-from dso_jax.train_state import TrainState
+from dso_jax.train_state import new_state
 
 
 def test_configs_carry_dso_values():
@@ -98,12 +98,7 @@ def _batch(a, b, seed=0, s=8, c=16, res=4):
 
 
 def _state(tx, overlay):
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        overlay=overlay,
-        opt_state=tx.init(overlay),
-        rng=jax.random.key_data(jax.random.key(0)),
-    )
+    return new_state(overlay, tx, jax.random.key(0))
 
 
 def test_accumulated_gradient_is_the_mean_over_all_pairs(tiny):
