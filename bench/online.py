@@ -31,9 +31,10 @@ def main():
 
     from configs import dro
     from dso_jax import lora, online
+    from dso_jax.candidates import policy_params
     from dso_jax.models import pretrained
     from dso_jax.physics import rollout as physics
-    from dso_jax.train import TrainState, make_decoder
+    from dso_jax.train_state import new_state
 
     config = dro.get_config()
     config.unlock()
@@ -45,22 +46,17 @@ def main():
     )
     apply_fn = pretrained.make_apply_fn(flow)
     base = jax.jit(flow.init)(jax.random.key(0), *pretrained.example_inputs(flow))["params"]
-    decode_fn, dec_params = make_decoder(config.decoder, dtype, 0)
+    decode_fn, dec_params = online.make_decoder(config.decoder, dtype, 0)
     stability = physics.make_stability_fn(config.physics)
     tx = optax.adamw(5e-6, weight_decay=0.01)
     overlay = lora.init_overlay(jax.random.key(1), base, rank=64, alpha=128.0)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        overlay=overlay,
-        opt_state=tx.init(overlay),
-        rng=jax.random.key_data(jax.random.key(2)),
-    )
+    state = new_state(overlay, tx, jax.random.key(2))
     b, k = args.conditions, args.candidates
     cond = jax.random.normal(jax.random.key(3), (b, 1374, 1024))
     latent = (8, 16, 16, 16)
     rows = []
 
-    params = online.policy_params(base, overlay, dtype)
+    params = policy_params(base, overlay, dtype)
     from dso_jax.models.ss_decoder import occupancy_from_logits
     from dso_jax.sampling import sample_from_config
 

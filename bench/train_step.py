@@ -68,8 +68,9 @@ def run_jax(loss: str, flags: set, a) -> dict:
     import jax.numpy as jnp
 
     from configs import dpo, dro
-    from dso_jax import lora, losses, train
+    from dso_jax import lora, losses, optim, train
     from dso_jax.models import pretrained
+    from dso_jax.train_state import new_state
 
     config = {"dro": dro, "dpo": dpo}[loss].get_config()
     args = TINY_ARGS if a.tiny else FULL_ARGS
@@ -86,13 +87,8 @@ def run_jax(loss: str, flags: set, a) -> dict:
     if "base_bf16" in flags:
         base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
     overlay = lora.init_overlay(jax.random.PRNGKey(1), base, rank=64, alpha=128.0, targets=TARGETS)
-    tx = train.make_optimizer(config.optim)
-    state = train.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        overlay=overlay,
-        opt_state=tx.init(overlay),
-        rng=jax.random.key_data(jax.random.key(0)),
-    )
+    tx = optim.make_optimizer(config.optim, config.train.steps)
+    state = new_state(overlay, tx, jax.random.key(0))
     step_fn = jax.jit(train.make_train_step(apply_fn, losses.LOSSES[loss], tx, config), donate_argnums=(0,))
     r, A, B = args["resolution"], a.grad_accum, a.batch
     ks = jax.random.split(jax.random.PRNGKey(2), 3)

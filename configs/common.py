@@ -25,7 +25,7 @@ TRELLIS_SS_DEC_ARGS = trellis.RELEASED_DECODER_ARGS
 DINO_TOKENS = 1374  # 1 CLS + 4 registers + 37 x 37 patches
 
 
-def _physics_defaults() -> ml_collections.ConfigDict:
+def physics_defaults() -> ml_collections.ConfigDict:
     """``dso_jax.physics.rollout.default_sim_config()``, imported when a config is built, not when it is imported."""
     from dso_jax.physics import rollout
 
@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.targets = lora.DEFAULT_TARGETS
 
     c.optim = ml_collections.ConfigDict()
+    c.optim.schedule = "constant_with_warmup"  # dso_jax.optim: diffusers' constant_with_warmup, as DSO
     c.optim.lr = 5e-6
     c.optim.warmup_steps = 2000  # linear 0 -> lr over this many optimizer steps, then constant
     c.optim.weight_decay = 0.01  # AdamW (decoupled), on the LoRA overlay only
@@ -91,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.synthetic.latents_per_view = 4
     c.data.synthetic.cond_len = DINO_TOKENS
     c.data.toy_pool_size = 1024  # online toy runs: training-split objects whose conditions are sampled per step
+    # (online toy runs are evaluated on held-out conditions by dso_jax.toy.heldout: see the eval section)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = all devices not used by the other axis
@@ -110,15 +112,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.decoder.path = ""  # '' = random init of decoder.args; else a converted folder or TRELLIS prefix
     c.decoder.args = ml_collections.ConfigDict(TRELLIS_SS_DEC_ARGS)
 
-    # Held-out evaluation of online runs (before and after training).
+    # Held-out evaluation of online runs (before and after training): dso_jax.toy.heldout's protocol, whose
+    # noise is fixed by (seed, num_conditions, batch).
     c.eval = ml_collections.ConfigDict()
     c.eval.seed = 1234  # held-out conditions and sampling noise
     c.eval.num_conditions = 64
     c.eval.num_candidates = 4  # samples per held-out condition
-    c.eval.batch = 16  # conditions per rollout call
+    c.eval.batch = 16  # conditions per candidates call
     c.eval.every = 0  # online: also evaluate held out every this many steps (metrics.jsonl heldout_*); 0 = never
 
-    c.physics = _physics_defaults()  # the occupancy path's defaults (K = 24; bench/RESULTS.md, Physics)
+    c.physics = physics_defaults()  # the occupancy path's defaults (K = 24; bench/RESULTS.md, Physics)
     return c
 
 
@@ -176,8 +179,7 @@ def apply_toy(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.keep_ckpts = 2
     c.data.kind = "toy"
     c.decoder.kind = "toy_codec"
-    c.sampler.steps = 10
-    c.sampler.cfg_strength = 3.0
+    c.sampler.update(sampling.TOY.to_dict())  # the toy model's recommended sampler
     c.online.num_candidates = 8
     c.online.updates_per_sample = 2
     c.eval.num_conditions = 48
@@ -186,14 +188,17 @@ def apply_toy(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
-def finalize(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """Apply the ``:arg`` variants (comma-separated) and lock the key set."""
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None, variants: dict) -> ml_collections.ConfigDict:
+    """Apply the ``:arg`` variants (comma-separated names of ``variants``, in order) and lock the key set."""
     for variant in [a for a in (arg or "").split(",") if a]:
-        if variant == "tiny":
-            apply_tiny(c)
-        elif variant == "toy":
-            apply_toy(c)
-        else:
-            raise ValueError(f"unknown config variant {variant!r} (known: 'tiny', 'toy')")
+        if variant not in variants:
+            known = ", ".join(repr(v) for v in variants)
+            raise ValueError(f"unknown config variant {variant!r} (known: {known})")
+        variants[variant](c)
     c.lock()
     return c
+
+
+def finalize(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """The DSO configs' variants: ``:tiny``, ``:toy``."""
+    return apply_variants(c, arg, {"tiny": apply_tiny, "toy": apply_toy})

@@ -10,10 +10,13 @@ sampled voxel noise).
 
 Variants: ``:micro`` (a few steps of a tiny model, for tests). The model is TRELLIS's
 ``SparseStructureFlowModel`` at toy size: the codec's (8, 16, 16, 16) latent in 2³ patches (512 tokens) and
-cross-attention to the 64 condition tokens of 64 channels of ``toy_condition``.
+cross-attention to the 64 condition tokens of 64 channels of ``dso_jax.toy.condition``.
 """
 
 import ml_collections
+
+from configs import common
+from dso_jax import sampling
 
 TOY_SS_FLOW_ARGS = dict(
     resolution=16,
@@ -51,6 +54,7 @@ def get_config(arg=None):
     c.flow.p_uncond = 0.1  # the condition becomes zeros (neg_cond) with this probability
 
     c.optim = ml_collections.ConfigDict()
+    c.optim.schedule = "warmup_cosine"  # dso_jax.optim
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 500
     c.optim.final_lr_frac = 0.05  # cosine decay from lr to lr * this at train.steps
@@ -68,40 +72,38 @@ def get_config(arg=None):
     c.train.max_seconds = 0.0  # stop (and export) after this much training wall time; 0 = run all steps
     c.train.eval_every = 0  # quick static-only held-out evaluation while training; 0 = never
 
-    c.sampler = ml_collections.ConfigDict()  # the evaluation's sampler (and the one recommended downstream)
-    c.sampler.steps = 10
-    c.sampler.cfg_strength = 3.0
-    c.sampler.cfg_interval = (0.5, 1.0)
-    c.sampler.rescale_t = 3.0
+    # The evaluation's sampler, also the main job's (configs/common.apply_toy): dso_jax.sampling.TOY.
+    c.sampler = ml_collections.ConfigDict(sampling.TOY.to_dict())
 
+    # The held-out protocol of dso_jax.toy.heldout (the main job's): noise fixed by (seed, conditions, batch).
     c.eval = ml_collections.ConfigDict()
     c.eval.seed = 1234  # held-out conditions and noise
     c.eval.num_conditions = 64  # 0 skips the final evaluation
-    c.eval.samples_per_condition = 4
-    c.eval.batch = 64  # objects per sampler call
-    c.eval.physics = "mjx"  # 'mjx' (dso_jax.physics.rollout verdict, plus the static check) | 'static'
-    c.eval.physics_batch = 64
-    c.eval.quick_conditions = 16  # conditions of the in-training evaluation
+    c.eval.num_candidates = 4  # samples per held-out condition
+    c.eval.batch = 16  # conditions per candidates call
+    c.eval.physics = "mjx"  # 'mjx' (the physics section's verdict, plus the static check) | 'static'
+    c.eval.quick_conditions = 16  # conditions of the in-training evaluation (static check only)
     c.eval.render = 6  # conditions drawn into workdir/heldout_samples.png; 0 = none
 
-    for variant in [a for a in (arg or "").split(",") if a]:
-        if variant == "micro":
-            c.model.args.model_channels = 32
-            c.model.args.num_blocks = 1
-            c.model.args.num_heads = 1
-            c.data.batch_size = 4
-            c.optim.lr = 3e-3
-            c.optim.warmup_steps = 2
-            c.optim.ema_decay = 0.0
-            c.train.steps = 12
-            c.train.log_every = 4
-            c.sampler.steps = 2
-            c.eval.num_conditions = 2
-            c.eval.samples_per_condition = 1
-            c.eval.batch = 2
-            c.eval.physics = "static"
-            c.eval.render = 1
-        else:
-            raise ValueError(f"unknown config variant {variant!r} (known: 'micro')")
-    c.lock()
-    return c
+    c.physics = common.physics_defaults()  # the MJX verdict of eval.physics = 'mjx' (dso_jax.physics.rollout)
+
+    return common.apply_variants(c, arg, {"micro": apply_micro})
+
+
+def apply_micro(c: ml_collections.ConfigDict) -> None:
+    """A few steps of a tiny model, for tests."""
+    c.model.args.model_channels = 32
+    c.model.args.num_blocks = 1
+    c.model.args.num_heads = 1
+    c.data.batch_size = 4
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 2
+    c.optim.ema_decay = 0.0
+    c.train.steps = 12
+    c.train.log_every = 4
+    c.sampler.steps = 2
+    c.eval.num_conditions = 2
+    c.eval.num_candidates = 1
+    c.eval.batch = 2
+    c.eval.physics = "static"
+    c.eval.render = 1

@@ -28,11 +28,14 @@ ApplyFn = Callable[..., jax.Array]  # apply_fn(params, x (B,C,D,H,W), t (B,) in 
 Metrics = Dict[str, jax.Array]
 
 
-def flow_losses(apply_fn: ApplyFn, params, x0, cond, t, eps) -> jax.Array:
-    """Per-sample flow-matching MSE in DSO's convention; x0/eps (N, ...), t (N,), cond (N, S, Cc) -> (N,)."""
+def flow_losses(apply_fn: ApplyFn, params, x0, cond, t, eps, sigma_min: float = 0.0) -> jax.Array:
+    """Per-sample flow-matching MSE; x0/eps (N, ...), t (N,), cond (N, S, Cc) -> (N,).
+
+    DSO's convention with ``sigma_min = 0``; TRELLIS's pre-training (the toy model's) passes its 1e-5.
+    """
     x0, eps, t = x0.astype(jnp.float32), eps.astype(jnp.float32), t.astype(jnp.float32)
-    pred = apply_fn(params, noisy_latent(x0, eps, t), TIME_SCALE * t, cond)
-    return per_sample_mse(pred, velocity_target(x0, eps))
+    pred = apply_fn(params, noisy_latent(x0, eps, t, sigma_min), TIME_SCALE * t, cond)
+    return per_sample_mse(pred, velocity_target(x0, eps, sigma_min))
 
 
 def _mean(x, weight):

@@ -44,6 +44,7 @@ class SamplerSettings:
 TRELLIS_PIPELINE = SamplerSettings(steps=25, cfg_strength=5.0)  # pipeline.json, both stages
 DSO_STAGE1 = SamplerSettings(steps=12, cfg_strength=7.5)  # TRELLIS's app/README; DSO's data, eval and example
 DSO_STAGE2 = SamplerSettings(steps=12, cfg_strength=3.0)  # TRELLIS's app/README; DSO's data generation
+TOY = SamplerSettings(steps=10, cfg_strength=3.0)  # the shipped toy model's (its evaluation and the main job)
 
 
 def euler_schedule(steps: int, rescale_t: float) -> np.ndarray:

@@ -4,27 +4,35 @@
     python scripts/pretrain_toy.py --config configs/pretrain_toy.py:micro --workdir /tmp/micro --out /tmp/micro/toy
 
 ``--out`` receives ``params.safetensors``, ``config.json`` and ``manifest.json`` (how it was made, with the
-held-out evaluation); ``--workdir`` receives ``metrics.jsonl``, ``eval.json`` and ``heldout_samples.png``.
-``dso_jax.models.load_pretrained(OUT)`` loads the result.
+held-out evaluation); ``--workdir`` receives ``metrics.jsonl``, TensorBoard events, ``eval.json`` and
+``heldout_samples.png``. ``dso_jax.models.load_pretrained(OUT)`` loads the result. Bad input ends in one line
+and exit status 2 (``--debug`` or ``DSO_JAX_DEBUG=1`` for the traceback).
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+import sys
 
-from dso_jax import pretrain_toy
+from absl import flags
 
-config_flags.DEFINE_config_file("config", None, "configs/pretrain_toy.py[:variant]", lock_config=True)
-flags.DEFINE_string("workdir", None, "metrics, evaluation and renders go here")
-flags.DEFINE_string("out", "ported_weights/toy", "the converted folder to write")
-flags.mark_flags_as_required(["config", "workdir"])
+from dso_jax import cli, config_cli
+from dso_jax.toy import pretrain
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    pretrain_toy.pretrain_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.out)
+def _define(fv):
+    flags.DEFINE_string("workdir", None, "metrics, evaluation and renders go here", flag_values=fv)
+    flags.DEFINE_string("out", "ported_weights/toy", "the converted folder to write", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+
+
+def run(argv) -> None:
+    fv = config_cli.parse(argv, _define, "configs/pretrain_toy.py[:variant]")
+    config_cli.setup_logging()
+    pretrain.pretrain_and_evaluate(fv.config, fv.workdir, fv.out)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv if argv is None else argv
+    return cli.run(lambda: run(argv), prog="pretrain_toy.py")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

@@ -1,15 +1,25 @@
-"""The README's main job (online DRO on the toy world), shortened: it runs end to end from the shipped
-toy weights and writes the summary, the curve and the before/after renders."""
+"""The README's main job (online DRO on the toy world), shortened: it runs end to end from the shipped toy
+weights, reports the held-out protocol's figures, writes the curve and the figures, and a rerun of the
+finished job leaves its summary alone."""
 
 import json
 import os
 
+import jax
+import jax.numpy as jnp
+import pytest
+
 from configs import dpo, dro
-from dso_jax import train
+from dso_jax import online
+from dso_jax.candidates import make_candidates_fn, policy_params
+from dso_jax.metrics_writer import read_rows
+from dso_jax.models import load_pretrained
+from dso_jax.physics.rollout import make_stability_fn
+from dso_jax.toy import codec, heldout
 
 
 def _shorten(config):
-    config.train.steps = 2
+    config.train.steps = 3
     config.train.batch_size = 2
     config.train.log_every = 1
     config.train.ckpt_every = 2
@@ -17,37 +27,59 @@ def _shorten(config):
     config.online.updates_per_sample = 1
     config.sampler.steps = 2
     config.physics.horizon_s = 0.2
-    config.eval.num_conditions = 2
+    config.eval.num_conditions = 3
     config.eval.num_candidates = 2
     config.eval.batch = 2
+    config.eval.every = 1  # held out after steps 1 and 2 (the last step is the "after" evaluation)
     config.data.toy_pool_size = 8
     return config
 
 
-def test_shortened_main_job_writes_the_summary(tmp_path):
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
     config = _shorten(dro.get_config("toy"))
-    config.train.steps = 3
-    config.eval.every = 1  # held out after steps 1 and 2 (the last step is the "after" evaluation)
     assert os.path.isdir(config.model.path), f"the main job needs the shipped toy model at {config.model.path}"
-    train.train_and_evaluate(config, str(tmp_path))
-    with open(tmp_path / "summary.json") as f:
+    workdir = str(tmp_path_factory.mktemp("main_job"))
+    returned = online.train_and_evaluate(config, workdir)
+    return config, workdir, returned
+
+
+def test_summary_holds_the_protocols_figures_of_the_pretrained_model(job):
+    config, workdir, returned = job
+    with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
-    keys = {
-        "stable_rate_before",
-        "stable_rate_after",
-        "mean_angle_before",
-        "mean_angle_after",
-        "iou_before",
-        "iou_after",
-        "seconds",
-    }
-    assert keys <= set(summary)
-    assert 0.0 <= summary["stable_rate_after"] <= 1.0 and 0.0 <= summary["iou_after"] <= 1.0
+    assert summary == returned
+    apply_fn, base = load_pretrained(config.model.path)
+    stability = make_stability_fn(config.physics)
+    cands = jax.jit(make_candidates_fn(apply_fn, codec.decoder_fn, stability, config.sampler, codec.LATENT_SHAPE, 2))
+    held = heldout.heldout_set(config.eval.seed, config.eval.num_conditions)
+    res = heldout.evaluate(cands, policy_params(base, None, jnp.float32), {}, held, seed=config.eval.seed, batch=2)
+    for k in ("stable_rate", "mean_angle", "iou"):
+        assert summary[f"{k}_before"] == pytest.approx(res["summary"][k], rel=1e-6), k
+    assert (summary["loss"], summary["steps"], summary["eval_conditions"]) == ("dro", 3, 3)
+
+
+def test_metrics_curve_and_figures(job):
+    _, workdir, summary = job
+    rows = read_rows(workdir)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     curve = summary["heldout_curve"]
     assert [row["step"] for row in curve] == [1, 2]
-    assert all(0.0 <= row["heldout_stable_rate"] <= 1.0 and 0.0 <= row["heldout_iou"] <= 1.0 for row in curve)
+    assert {"heldout_stable_rate", "heldout_mean_angle", "heldout_iou"} <= set(curve[0])
+    assert [r for r in rows if "heldout_iou" in r] == curve
     for png in ("stable_rate.png", "generations_before.png", "generations_after.png"):
-        assert (tmp_path / png).stat().st_size > 0, png
+        assert os.path.getsize(os.path.join(workdir, png)) > 10_000, png
+    assert sorted(os.listdir(os.path.join(workdir, "peft"))) == ["step_0000002.safetensors", "step_0000003.safetensors"]
+
+
+def test_rerunning_the_finished_job_keeps_its_summary(job, capsys):
+    config, workdir, summary = job
+    path = os.path.join(workdir, "summary.json")
+    stamp = os.stat(path).st_mtime_ns
+    again = online.train_and_evaluate(config, workdir)
+    assert again == summary and os.stat(path).st_mtime_ns == stamp  # seconds and all, untouched
+    assert f"{summary['seconds']:10.1f}" in capsys.readouterr().out  # the table is printed again
+    assert not os.path.exists(os.path.join(workdir, "run.lock"))
 
 
 def test_dpo_toy_variant_is_online_dpo():

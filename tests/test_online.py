@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from dso_jax import lora, online
-from dso_jax.data import toy_codec
 from dso_jax.models import SparseStructureFlowModel
 from dso_jax.physics.rollout import default_sim_config, make_stability_fn
+from dso_jax.toy import codec as toy_codec
+from dso_jax.train_state import new_state
 
 
 def _tiny_setup(loss="dro"):
@@ -35,8 +37,14 @@ def _tiny_setup(loss="dro"):
     cond = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 16))
     base = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 16, 16, 16)), jnp.zeros((1,)), cond[:1])["params"]
     apply_fn = lambda p, x, t, c: model.apply({"params": p}, x, t, c)
-    decode_fn = lambda dp, z: toy_codec.decode(z)[:, None]
-    return cfg, apply_fn, decode_fn, make_stability_fn(phys), base, cond
+    return cfg, apply_fn, toy_codec.decoder_fn, make_stability_fn(phys), base, cond
+
+
+def _alternating_verdicts(occ):
+    """A stand-in simulator: candidates 0, 2, ... of every condition stable, 1, 3, ... not (all usable)."""
+    n = occ.shape[0]
+    stable = jnp.arange(n) % 2 == 0
+    return {"stable": stable, "angle": jnp.where(stable, 1.0, 90.0), "valid": jnp.ones((n,), bool)}
 
 
 def test_candidate_weights_balance_each_usable_condition():
@@ -56,21 +64,12 @@ def test_first_pair_picks_stable_winner_and_masks_uniform_conditions():
     np.testing.assert_array_equal(np.asarray(weight), [1.0, 0.0])
 
 
-def test_one_compiled_step_samples_simulates_and_updates_only_the_overlay():
-    from dso_jax.train import TrainState
+def _state(tx, overlay):
+    return new_state(overlay, tx, jax.random.PRNGKey(3))
 
-    cfg, apply_fn, decode_fn, stability_fn, base, cond = _tiny_setup()
-    tx = optax.adam(1e-2)
-    overlay = lora.init_overlay(jax.random.PRNGKey(2), base, rank=2, alpha=4.0)
-    # Make B non-zero so the overlay's gradient reaches both factors.
-    overlay = overlay.replace(factors=jax.tree.map(lambda x: x + 0.01, overlay.factors))
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        overlay=overlay,
-        opt_state=tx.init(overlay),
-        rng=jax.random.key_data(jax.random.PRNGKey(3)),
-    )
-    step = online.make_online_step(
+
+def _step(cfg, apply_fn, decode_fn, stability_fn, tx):
+    return online.make_online_step(
         apply_fn,
         decode_fn,
         stability_fn,
@@ -80,18 +79,35 @@ def test_one_compiled_step_samples_simulates_and_updates_only_the_overlay():
         dtype=jnp.float32,
         schedule=lambda s: 1e-2,
     )
+
+
+def test_one_compiled_step_samples_simulates_and_updates_only_the_overlay():
+    cfg, apply_fn, decode_fn, stability_fn, base, cond = _tiny_setup()
+    tx = optax.adam(1e-2)
+    overlay = lora.init_overlay(jax.random.PRNGKey(2), base, rank=2, alpha=4.0)
+    overlay = overlay.replace(factors=jax.tree.map(lambda x: x + 0.01, overlay.factors))  # B != 0: both move
+    step = _step(cfg, apply_fn, decode_fn, stability_fn, tx)  # the MJX simulator inside the step
     base_before = jax.tree.map(np.asarray, base)
-    compiled = jax.jit(step).lower(state, {"cond": cond}, base, {}).compile()
-    new_state, metrics = compiled(state, {"cond": cond}, base, {})
-    assert int(new_state.step) == 2  # two updates on one batch of samples
-    for k in ("stable_rate", "mean_angle", "usable_frac", "loss", "grad_norm"):
+    compiled = jax.jit(step).lower(_state(tx, overlay), {"cond": cond}, base, {}).compile()
+    updated, metrics = compiled(_state(tx, overlay), {"cond": cond}, base, {})
+    assert int(updated.step) == 2  # two updates on one batch of samples
+    for k in ("stable_rate", "mean_angle", "usable_frac", "valid_frac", "loss", "grad_norm"):
         assert np.isfinite(float(metrics[k])), k
-    assert 0.0 <= float(metrics["stable_rate"]) <= 1.0
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_state.overlay.factors, overlay.factors)
-    # Whether any condition is usable depends on the random model; the update must be well defined either way.
-    if float(metrics["usable_frac"]) > 0:
-        assert max(jax.tree.leaves(moved)) > 0
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), base_before, base)
+
+
+def test_labelled_candidates_move_the_overlay():
+    """With both labels in every condition (a stand-in simulator), the step's DRO update moves every factor."""
+    cfg, apply_fn, decode_fn, _, base, cond = _tiny_setup()
+    tx = optax.adam(1e-2)
+    overlay = lora.init_overlay(jax.random.PRNGKey(2), base, rank=2, alpha=4.0)
+    overlay = overlay.replace(factors=jax.tree.map(lambda x: x + 0.01, overlay.factors))
+    step = jax.jit(_step(cfg, apply_fn, decode_fn, _alternating_verdicts, tx))
+    updated, metrics = step(_state(tx, overlay), {"cond": cond}, base, {})
+    assert float(metrics["usable_frac"]) == 1.0 and float(metrics["stable_rate"]) == 0.5
+    assert float(metrics["mean_angle"]) == pytest.approx(45.5)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), updated.overlay.factors, overlay.factors)
+    assert min(jax.tree.leaves(moved)) > 0
 
 
 def test_dro_loss_moves_towards_stable_candidates():

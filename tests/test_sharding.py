@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     import ml_collections
     from configs import dro
-    from dso_jax import lora, losses, sharding, train
+    from dso_jax import lora, losses, optim, sharding, train
+    from dso_jax.train_state import new_state
     from dso_jax.models import pretrained
 
     assert jax.device_count() == 8
@@ -35,7 +36,7 @@ SCRIPT = textwrap.dedent(
     base = jax.jit(module.init)(jax.random.PRNGKey(0), *pretrained.example_inputs(module, cond_len=1))["params"]
     overlay = lora.init_overlay(jax.random.PRNGKey(1), base, rank=4, alpha=8.0)
     overlay = overlay.replace(factors=jax.tree.map(lambda x: x + 0.01, overlay.factors))
-    tx = train.make_optimizer(config.optim)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
     rng = np.random.default_rng(0)
     a, b = 2, 8  # 2 micro-batches of 8 pairs
     batch = {
@@ -48,8 +49,7 @@ SCRIPT = textwrap.dedent(
     def run(data, fsdp):
         mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, distributed=False)),
                                   devices=jax.devices()[: data * fsdp])
-        state = train.TrainState(step=jnp.zeros((), jnp.int32), overlay=overlay, opt_state=tx.init(overlay),
-                                 rng=jax.random.key_data(jax.random.key(0)))
+        state = new_state(overlay, tx, jax.random.key(0))
         s_sh = sharding.param_shardings(state, mesh, min_size=1)  # shard even tiny arrays over fsdp
         b_sh = sharding.param_shardings(base, mesh, min_size=1)
         fn = jax.jit(step_fn, in_shardings=(s_sh, sharding.batch_sharding(mesh, 1), b_sh),

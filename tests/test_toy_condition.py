@@ -3,7 +3,9 @@
 import jax
 import numpy as np
 
-from dso_jax.data import toy, toy_condition, toy_metrics
+from dso_jax.toy import condition as toy_condition
+from dso_jax.toy import metrics as toy_metrics
+from dso_jax.toy import objects as toy
 
 
 def _objs(n=6):
@@ -12,8 +14,8 @@ def _objs(n=6):
 
 def test_token_shapes_and_batching():
     d = _objs()
-    tok = toy.conditions(d["occ"])
-    assert tok.shape == (6, toy_condition.num_tokens(), 64) == (6, 64, 64) and tok.dtype == np.float32
+    tok = toy_condition.tokens(d["occ"])
+    assert tok.shape == (6, 64, 64) and tok.dtype == np.float32  # (32 / 4)² tokens of 64 channels
     single = np.asarray(toy_condition.condition_tokens(d["occ"][2]))
     np.testing.assert_allclose(tok[2], single, atol=1e-6)
     assert np.isfinite(tok).all()
@@ -23,7 +25,7 @@ def test_token_shapes_and_batching():
 
 def test_tokens_are_an_invertible_map_of_the_front_depth():
     d = _objs(3)
-    tok = toy.conditions(d["occ"])
+    tok = toy_condition.tokens(d["occ"])
     content = tok[..., :32] @ toy_condition._projection(32, 0).T  # (3, 64, 32): undo the rotation
     hit, depth = toy_condition.front_depth(d["occ"])
     patches = np.stack([2.0 * np.asarray(hit) - 1.0, np.asarray(depth)], -1).reshape(3, 8, 4, 8, 4, 2)
@@ -36,8 +38,10 @@ def test_hidden_parts_do_not_change_the_condition_but_visible_ones_do():
     rng = np.random.default_rng(0)
     comp = toy.completions(d["params"][0], 6, rng)
     assert len({o.tobytes() for o in comp["occ"]}) > 1  # the completions differ, their tokens do not
-    np.testing.assert_array_equal(toy.conditions(comp["occ"]), np.repeat(toy.conditions(d["occ"][:1]), 6, 0))
-    tok = toy.conditions(d["occ"])
+    np.testing.assert_array_equal(
+        toy_condition.tokens(comp["occ"]), np.repeat(toy_condition.tokens(d["occ"][:1]), 6, 0)
+    )
+    tok = toy_condition.tokens(d["occ"])
     assert all(not np.allclose(tok[0], tok[j]) for j in range(1, 4))
 
 

@@ -8,7 +8,7 @@ import mujoco
 import numpy as np
 from scipy.spatial import ConvexHull
 
-from dso_jax.data import toy
+from dso_jax.toy import objects as toy
 
 
 def _final_angle_deg(occ, seconds=10.0):

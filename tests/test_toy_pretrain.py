@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from configs import pretrain_toy as pretrain_config
-from dso_jax import flow, pretrain_toy
-from dso_jax.data import toy, toy_codec, toy_condition, toy_pretrain
 from dso_jax.models import load_pretrained
+from dso_jax.toy import codec as toy_codec
+from dso_jax.toy import condition as toy_condition
+from dso_jax.toy import objects as toy
+from dso_jax.toy import pretrain as pretrain_toy
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def test_flow_loss_is_trellis_objective(micro):
     params = jax.tree.map(lambda p: p + 0.01, params)  # non-zero output
     occ = toy.train_batch(0, 0, 4)
     key = jax.random.PRNGKey(3)
-    loss, _ = toy_pretrain.flow_loss(apply_fn, params, occ, key, micro.flow, 1.0)
+    loss, _ = pretrain_toy.flow_loss(apply_fn, params, occ, key, micro.flow, 1.0)
 
     k_t, k_eps, k_drop = jax.random.split(key, 3)
     keep = jax.random.uniform(k_drop, (4,)) >= micro.flow.p_uncond
@@ -67,7 +69,6 @@ def test_flow_loss_is_trellis_objective(micro):
     pred = apply_fn(params, x_t, 1000.0 * t, cond)
     expected = jnp.mean(jnp.square(pred - ((1 - s) * eps - x0)))
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
-    assert flow.TIME_SCALE == 1000.0
 
 
 def test_micro_run_loss_decreases_and_folder_loads_back(micro, tmp_path):
@@ -84,10 +85,16 @@ def test_micro_run_loss_decreases_and_folder_loads_back(micro, tmp_path):
         written = json.load(f)
     assert written["steps"] == micro.train.steps and written["seed"] == micro.seed
     ev = written["evaluation"]
-    assert 0.0 <= ev["iou"] <= 1.0 and 0.0 <= ev["stable_rate"] <= 1.0 and ev["stability"] == "static"
+    with open(os.path.join(workdir, "eval.json")) as f:
+        assert json.load(f) == ev
+    assert ev["stability"] == micro.eval.physics == "static"
     assert os.path.isfile(os.path.join(workdir, "heldout_samples.png"))
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [4, 8, 12]  # the shared metrics writer's rows
 
     apply_fn, params = load_pretrained(out)
+    again_ev = pretrain_toy.evaluate(apply_fn, params, micro)["summary"]  # the manifest holds the folder's figures
+    assert (again_ev["iou"], again_ev["stable_rate"]) == (ev["iou"], ev["stable_rate"])
     x = jnp.zeros((2,) + toy_codec.LATENT_SHAPE)
     v = apply_fn(params, x, jnp.full((2,), 500.0), jnp.zeros((2, 64, 64)))
     assert v.shape == x.shape and bool(jnp.all(jnp.isfinite(v)))

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dso_jax.data import toy, toy_condition
+from dso_jax.toy import condition as toy_condition
+from dso_jax.toy import objects as toy
 
 
 @pytest.fixture(scope="module")
@@ -113,4 +114,4 @@ def test_offline_dataset_layout():
     occ = toy.unpack_occ(d["occ_bits"])
     np.testing.assert_array_equal(occ[:, 0], toy.sample_objects(0, 6)["occ"])
     np.testing.assert_array_equal(toy.static_stability(occ)["stable"], d["stable"])
-    np.testing.assert_allclose(d["cond"], toy.conditions(occ[:, 1]))  # completions share the condition
+    np.testing.assert_allclose(d["cond"], toy_condition.tokens(occ[:, 1]))  # completions share the condition

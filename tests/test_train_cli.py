@@ -26,9 +26,11 @@ def cache_dir(tmp_path_factory):
 
 
 def _env(cache_dir):
-    # The three runs share one persistent compilation cache: the step compiles once.
+    # The three runs share one persistent compilation cache: the step compiles once. PYTHONPATH: this
+    # checkout's dso_jax, whatever is installed.
     return dict(
         os.environ,
+        PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
         JAX_PLATFORMS="cpu",
         PYTHONUNBUFFERED="1",
         JAX_COMPILATION_CACHE_DIR=cache_dir,

@@ -7,9 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import dpo, dro, sft
-from dso_jax import lora, losses, train
+from configs import dpo, dro, pretrain_toy, sft
+from dso_jax import lora, losses, online, optim, train
+from dso_jax.metrics_writer import MetricWriter
 from dso_jax.models import pretrained
+from dso_jax.toy.pool import ConditionPool
+from dso_jax.train_state import new_state
 
 
 def test_configs_carry_dso_values():
@@ -34,9 +37,18 @@ def test_configs_are_locked_and_variants_checked():
 
 def test_lr_is_linear_warmup_then_constant():
     c = dro.get_config().optim
-    sched = train.lr_schedule(c)
+    sched = optim.lr_schedule(c, 4000)
     for step in (0, 1, 1000, 1999, 2000, 2001, 7999):
         assert float(sched(step)) == pytest.approx(5e-6 * min(step / 2000, 1.0), rel=1e-6)
+
+
+def test_pretraining_lr_is_warmup_then_cosine_to_its_floor():
+    c = pretrain_toy.get_config().optim
+    sched = optim.lr_schedule(c, 10500)
+    assert float(sched(0)) == 0.0 and float(sched(250)) == pytest.approx(c.lr / 2, rel=1e-6)
+    assert float(sched(500)) == pytest.approx(c.lr, rel=1e-6)
+    assert float(sched(5500)) == pytest.approx(c.lr * (1 + c.final_lr_frac) / 2, rel=1e-5)  # half way down
+    assert float(sched(10500)) == pytest.approx(c.lr * c.final_lr_frac, rel=1e-5)
 
 
 def test_optimizer_matches_torch_adamw_with_grad_clipping():
@@ -46,7 +58,7 @@ def test_optimizer_matches_torch_adamw_with_grad_clipping():
     w0 = rng.standard_normal((5, 3)).astype(np.float32)
     grads = [rng.standard_normal((5, 3)).astype(np.float32) * s for s in (0.1, 3.0, 0.5, 2.0, 0.01, 1.0, 0.2, 4.0)]
 
-    tx = train.make_optimizer(c)
+    tx = optim.make_optimizer(c, 40)
     w, state = jnp.asarray(w0), tx.init(jnp.asarray(w0))
     for g in grads:
         upd, state = tx.update(jnp.asarray(g), state, w)
@@ -86,12 +98,7 @@ def _batch(a, b, seed=0, s=8, c=16, res=4):
 
 
 def _state(tx, overlay):
-    return train.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        overlay=overlay,
-        opt_state=tx.init(overlay),
-        rng=jax.random.key_data(jax.random.key(0)),
-    )
+    return new_state(overlay, tx, jax.random.key(0))
 
 
 def test_accumulated_gradient_is_the_mean_over_all_pairs(tiny):
@@ -103,7 +110,7 @@ def test_accumulated_gradient_is_the_mean_over_all_pairs(tiny):
         loss = jnp.mean((v - batch["x0_lose"]) ** 2)
         return loss, {"loss": loss}
 
-    tx = train.make_optimizer(config.optim)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
     step = jax.jit(train.make_train_step(apply_fn, rng_free_loss, tx, config))
     batch = _batch(2, 2)
     as_one = jax.tree.map(lambda x: x.reshape((1, 4) + x.shape[2:]), batch)
@@ -118,7 +125,7 @@ def test_step_updates_only_the_overlay_and_counts(tiny):
     _, apply_fn, base, overlay = tiny
     config = dpo.get_config("tiny")
     config.optim.warmup_steps = 0  # lr > 0 from the first step
-    tx = train.make_optimizer(config.optim)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
     step = jax.jit(train.make_train_step(apply_fn, losses.LOSSES["dpo"], tx, config), donate_argnums=(0,))
     state = _state(tx, jax.tree.map(jnp.copy, overlay))  # donated: keep the fixture's buffers alive
     before = jax.tree.map(np.array, overlay)
@@ -136,24 +143,30 @@ def test_step_updates_only_the_overlay_and_counts(tiny):
 
 
 def test_nan_guard_names_the_step(tmp_path):
-    writer = train.MetricWriter(str(tmp_path), enabled=False)
+    writer = MetricWriter(str(tmp_path), enabled=False)
     writer.add(3, {"loss": 1.0})
     with pytest.raises(FloatingPointError, match="step 4: non-finite loss=nan"):
         writer.add(4, {"loss": float("nan"), "lr": 1.0})
 
 
-def test_online_mode_takes_conditions_from_the_toy_world(tmp_path):
-    config = dro.get_config("tiny")
-    config.mode = "online"
+def test_online_mode_takes_conditions_from_the_toy_world():
+    config = dro.get_config("toy")
+    config.data.kind = "tfds"
     with pytest.raises(ValueError, match="data.kind='toy'"):
-        train.make_label_source(config, str(tmp_path), 4)
-    config.data.kind = "toy"
-    config.data.toy_pool_size = 16
-    source = train.make_label_source(config, str(tmp_path), 4)
-    (s0, b0), (s1, b1) = list(source.iterate(0, 2))
-    assert (s0, s1) == (0, 1) and b0["cond"].shape[0] == 4
-    again = dict(source.iterate(1, 2))[1]  # a resumed run sees the same conditions at the same step
+        online.validate(config)
+    pool = ConditionPool(0, 4, 16)
+    (s0, b0), (s1, b1) = list(pool.iterate(0, 2))
+    assert (s0, s1) == (0, 1) and b0["cond"].shape == (4, 64, 64)
+    assert not np.array_equal(b0["cond"], b1["cond"])
+    again = dict(pool.iterate(1, 2))[1]  # a resumed run sees the same conditions at the same step
     np.testing.assert_array_equal(again["cond"], b1["cond"])
+
+
+def test_each_trainer_refuses_the_other_mode():
+    with pytest.raises(ValueError, match="config.mode='offline', got 'online'"):
+        train.validate(dro.get_config("toy"))
+    with pytest.raises(ValueError, match="config.mode='online', got 'offline'"):
+        online.validate(dro.get_config("tiny"))
 
 
 def test_sft_tiny_runs_in_process(tmp_path):

@@ -3,9 +3,8 @@
 `encode` is a 2x2x2 space-to-depth with values ±scale, `decode` its inverse with the latent's values as logits
 (occupancy = logits > 0, as TRELLIS reads its decoder). The channel order is TRELLIS's `pixel_shuffle_3d`
 (trellis.md §3.2): ``latent[4i + 2j + k, X, Y, Z] = occ[2X + i, 2Y + j, 2Z + k]``, so the same SS flow class and
-sampler apply unchanged. `decode_to_64` repeats each voxel 2x2x2 for the physics code's 64³ grid (the
-32-voxel i covers 64-voxels 2i and 2i + 1, so voxel centres and the [-0.5, 0.5]³ cube are kept).
-All functions are jittable and take any number of leading batch axes.
+sampler apply unchanged. The physics code takes the decoded 32³ grid as it is (any D³ grid over the
+[-0.5, 0.5]³ cube). All functions are jittable and take any number of leading batch axes.
 """
 
 from __future__ import annotations
@@ -41,18 +40,8 @@ def decode(latent):
     return x.reshape(lead + (RES, RES, RES))
 
 
-def occupancy(latent):
-    """(..., 8, 16, 16, 16) latent -> (..., 32, 32, 32) bool occupancy."""
-    return decode(latent) > 0
-
-
-def upsample_64(x):
-    """(..., 32, 32, 32) -> (..., 64, 64, 64), each voxel repeated 2x2x2 (nearest neighbour)."""
-    for ax in (-3, -2, -1):
-        x = jnp.repeat(x, 2, axis=ax)
-    return x
-
-
-def decode_to_64(latent):
-    """(..., 8, 16, 16, 16) latent -> (..., 64, 64, 64) float32 logits on TRELLIS's 64³ grid (> 0: occupied)."""
-    return upsample_64(decode(latent))
+def decoder_fn(dec_params, latent):
+    """The codec as a stage-1 decoder: (N, 8, 16, 16, 16) latents -> (N, 1, 32, 32, 32) logits; no weights
+    (``dec_params`` is ``{}``), the signature of a TRELLIS decoder's apply function."""
+    del dec_params
+    return decode(latent)[:, None]

@@ -1,10 +1,12 @@
-"""PIL renders of voxel occupancies for before/after figures (no matplotlib).
+"""Renders of toy voxel occupancies and the figures made of them.
 
 `render_iso` draws the exposed voxel faces as shaded polygons, far to near (painter's algorithm), seen from an
 orthographic camera in direction `view` (from the object towards the camera, frame x, y, z with +z up and the
 condition's camera at -y). The default views: FRONT_VIEW (front-left-above, roughly what the condition sees)
-and BACK_VIEW (back-right-above, where the hidden parts are). `panel` puts both views next to the front depth
-image; `grid` tiles panels with captions.
+and BACK_VIEW (back-right-above, where the hidden parts are); `front_depth_image` is the condition's view and
+`panel` the two views side by side. `save_rows` lays panels out as a matplotlib figure: one row per condition,
+its conditioning view first, a title, a legend for the colours and captions (angles folded to [0°, 180°] by
+`fold_angle`).
 """
 
 from __future__ import annotations
@@ -92,34 +94,71 @@ def front_depth_image(occ, size: int = 256):
 
 
 def panel(occ, size: int = 192, color=NEUTRAL_COLOR):
-    """Front depth | front-left render | back-right render, side by side (PIL RGB, 3·size x size)."""
-    out = Image.new("RGB", (3 * size, size), (255, 255, 255))
-    out.paste(front_depth_image(occ, size).convert("RGB"), (0, 0))
-    out.paste(render_iso(occ, size, FRONT_VIEW, color), (size, 0))
-    out.paste(render_iso(occ, size, BACK_VIEW, color), (2 * size, 0))
+    """Front-left render | back-right render, side by side (PIL RGB, 2·size x size)."""
+    out = Image.new("RGB", (2 * size, size), (255, 255, 255))
+    out.paste(render_iso(occ, size, FRONT_VIEW, color), (0, 0))
+    out.paste(render_iso(occ, size, BACK_VIEW, color), (size, 0))
     return out
 
 
-def grid(images, captions=None, ncols: int = 2, pad: int = 6, caption_h: int = 16):
-    """Tile PIL images (all the same size) with an optional caption above each; PIL RGB."""
-    w, h = images[0].size
-    nrows = -(-len(images) // ncols)
-    ch = caption_h if captions else 0
-    out = Image.new("RGB", (ncols * (w + pad) + pad, nrows * (h + ch + pad) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(out)
-    for i, im in enumerate(images):
-        r, c = divmod(i, ncols)
-        x, y = pad + c * (w + pad), pad + r * (h + ch + pad)
-        if captions:
-            draw.text((x + 2, y + 2), str(captions[i]), fill=(0, 0, 0))
-        out.paste(im, (x, y + ch))
-    return out
+def fold_angle(deg: float) -> float:
+    """DSO's total rotation angle (2·arccos(w), in [0°, 360°]) as the rotation it is, in [0°, 180°]."""
+    a = float(deg) % 360.0
+    return min(a, 360.0 - a)
 
 
-def save_objects(path, occs, captions=None, stable=None, size: int = 160, ncols: int = 2):
-    """PNG of one panel per object, coloured by `stable` (green/red) when given."""
-    ims = []
-    for i, o in enumerate(occs):
-        col = NEUTRAL_COLOR if stable is None else (STABLE_COLOR if stable[i] else UNSTABLE_COLOR)
-        ims.append(panel(o, size, col))
-    grid(ims, captions, ncols).save(path)
+def angle_caption(deg: float, stable: bool) -> str:
+    """``"12° stable"``; a DSO angle past 180° shows beside the folded one, since DSO's verdict reads it."""
+    folded = fold_angle(deg)
+    raw = f" (DSO {float(deg):.0f}°)" if abs(folded - float(deg)) >= 0.5 else ""
+    return f"{folded:.0f}°{raw} {'stable' if stable else 'unstable'}"
+
+
+PANEL_NOTE = (
+    "left: the condition, the conditioning object's front depth image (what the model sees; near = dark); "
+    "each object: front-left view | back-right view (where the parts the condition cannot see are)"
+)
+
+
+def save_rows(path, rows, *, title: str, size: int = 160, legend: str = "simulated", note: str = PANEL_NOTE) -> str:
+    """A PNG figure (matplotlib): one row per condition, its conditioning view first, then its objects.
+
+    ``rows``: ``[(cond_occ (R, R, R), cond_caption, [(occ (R, R, R), caption, stable or None), ...]), ...]``;
+    objects are drawn green when stable, red when not, blue-grey when ``stable`` is None. ``legend`` names
+    where the verdict comes from (``"simulated"``, ``"static check"``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    ncols = 1 + max(len(cells) for _, _, cells in rows)
+    views = 1 + 2 * (ncols - 1)  # rendered views across a row
+    inch = 1.6 * size / 160
+    fig = plt.figure(figsize=(views * inch, len(rows) * inch * 1.2 + 1.0))
+    top = 1.0 - 0.9 / (len(rows) * inch * 1.2 + 1.0)
+    grid = fig.add_gridspec(len(rows), ncols, width_ratios=[1] + [2] * (ncols - 1), top=top, bottom=0.02, hspace=0.3)
+    grid.update(left=0.01, right=0.99, wspace=0.04)
+    for r, (cond_occ, cond_caption, cells) in enumerate(rows):
+        ax = fig.add_subplot(grid[r, 0])
+        ax.imshow(front_depth_image(cond_occ, size), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(cond_caption, fontsize=8)
+        ax.axis("off")
+        for c, (occ, caption, stable) in enumerate(cells, start=1):
+            color = NEUTRAL_COLOR if stable is None else (STABLE_COLOR if stable else UNSTABLE_COLOR)
+            ax = fig.add_subplot(grid[r, c])
+            ax.imshow(panel(occ, size, color))
+            ax.set_title(caption, fontsize=8)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=10, y=0.995, va="top")
+    handles = [
+        Patch(color=np.asarray(STABLE_COLOR) / 255, label=f"stable ({legend})"),
+        Patch(color=np.asarray(UNSTABLE_COLOR) / 255, label=f"unstable ({legend})"),
+    ]
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8, frameon=False)
+    if note:
+        fig.text(0.5, -0.035 * 6 / max(len(rows), 1), note, ha="center", va="top", fontsize=7)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return str(path)

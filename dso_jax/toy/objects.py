@@ -3,7 +3,7 @@
 Frame (TRELLIS native): occupancy is indexed ``occ[x, y, z]`` on an R³ grid over [-0.5, 0.5]³, +z up, voxel
 centre ``(i + 0.5)/R - 0.5``; every object rests on the floor layer z = 0. The condition's camera looks along +y
 from the front (small y, TRELLIS's front after ``to_glb``), so it sees only the first surface hit along each
-(x, z) ray (`toy_condition.front_depth`).
+(x, z) ray (`condition.front_depth`).
 
 Every family splits its parameters into *visible* ones (they fix the front depth image) and *hidden* ones
 (everything they change lies behind a visible surface): back legs, the depth of a table top, of a lamp base
@@ -21,6 +21,8 @@ import zlib
 
 import numpy as np
 from scipy.spatial import ConvexHull
+
+from dso_jax.toy import condition
 
 KINDS = ("table", "stool", "lamp", "shelf", "figure")
 RES = 32  # default grid resolution; the codec's 2x2x2 space-to-depth maps 32³ to the (8, 16, 16, 16) latent
@@ -430,13 +432,6 @@ def completions(params: dict, k: int, rng: np.random.Generator, res: int = RES) 
     return dict(occ=occ, stable=st["stable"], margin=st["margin"], params=ps)
 
 
-def conditions(occ, **kwargs) -> np.ndarray:
-    """Condition tokens of a batch of occupancies: (n, L, C) float32 (see `toy_condition.condition_tokens`)."""
-    from dso_jax.data import toy_condition
-
-    return np.asarray(toy_condition.condition_tokens_jit(np.asarray(occ), **kwargs))
-
-
 def make_dataset(seed: int, n: int, k: int = 4, split: str = "train", res: int = RES) -> dict:
     """DSO-style offline data: n conditions, each with k completions (index 0: the conditioning object itself,
     then k - 1 hidden resamples sharing its condition) and their static labels.
@@ -457,7 +452,7 @@ def make_dataset(seed: int, n: int, k: int = 4, split: str = "train", res: int =
         stable=st["stable"],
         margin=st["margin"],
         kind=objs["kind"],
-        cond=conditions(objs["occ"]),
+        cond=condition.tokens(objs["occ"]),
     )
 
 

@@ -3,7 +3,7 @@
 The camera is orthographic and looks along +y from the front (small y), like TRELLIS's front view; per
 (x, z) pixel it records whether the ray hits the object and the depth of the first hit. It sees the front of
 every part and nothing behind it, so back legs, the depth of a base or a backpack stay unknown
-(`toy.py`). The tokens replace DINOv2's (1374, 1024) with a fixed, deterministic, non-learned map:
+(`objects.py`). The tokens replace DINOv2's (1374, 1024) with a fixed, deterministic, non-learned map:
 patchify the (hit, depth) image into P×P patches, rotate each patch vector by a seeded random orthogonal
 matrix (no information is lost) and append 2-D sinusoidal position features. Defaults: R = 32, P = 4 give
 L = 64 tokens of C = 64 channels (32 content + 32 position). All functions are jittable and batched.
@@ -49,10 +49,6 @@ def _positions(grid: int, dim: int) -> np.ndarray:
     return np.concatenate([px, pz], axis=-1).astype(np.float32)
 
 
-def num_tokens(res: int = 32, patch: int = 4) -> int:
-    return (res // patch) ** 2
-
-
 def condition_tokens(occ, patch: int = 4, dim: int = 64, seed: int = 0):
     """(..., R, R, R) occupancy -> (..., L, dim) float32 tokens, L = (R/patch)², token n = (R/patch)·u + v
     for the patch at x-index u and z-index v. The first 2·patch² channels are content, the rest position."""
@@ -74,4 +70,9 @@ def condition_tokens(occ, patch: int = 4, dim: int = 64, seed: int = 0):
     return jnp.concatenate([x, pos], axis=-1)
 
 
-condition_tokens_jit = jax.jit(condition_tokens, static_argnames=("patch", "dim", "seed"))
+_condition_tokens_jit = jax.jit(condition_tokens, static_argnames=("patch", "dim", "seed"))
+
+
+def tokens(occ, **kwargs) -> np.ndarray:
+    """Condition tokens of a batch of occupancies as numpy: (n, L, C) float32 (jitted `condition_tokens`)."""
+    return np.asarray(_condition_tokens_jit(np.asarray(occ), **kwargs))

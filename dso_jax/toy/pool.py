@@ -1,9 +1,8 @@
-"""Conditions of the toy world for the online trainer: a training pool and a fixed held-out set.
+"""The online trainer's conditions in the toy world: a pool of training-split objects, sampled per step.
 
 The pool (``pool_size`` training-split objects) is drawn once from the run's seed; the conditions of step
 ``s`` are a permutation sample of the pool keyed by ``(seed, s)``, so a resumed run sees the same
-conditions as an uninterrupted one. The held-out set (objects whose visible parameters never occur in
-training) carries the conditioning occupancies for the IoU measure.
+conditions as an uninterrupted one. (The held-out conditions are ``dso_jax.toy.heldout``'s.)
 """
 
 from __future__ import annotations
@@ -12,10 +11,10 @@ from typing import Iterator
 
 import numpy as np
 
-from dso_jax.data import toy
+from dso_jax.toy import condition, objects
 
 
-class ToyConditionSource:
+class ConditionPool:
     """``iterate(start, stop, prefetch)`` -> ``(step, {'cond': (B_local, L, C) float32})``."""
 
     def __init__(self, seed: int, global_batch: int, pool_size: int, process_index: int = 0, process_count: int = 1):
@@ -23,8 +22,8 @@ class ToyConditionSource:
             raise ValueError(f"data.toy_pool_size {pool_size} < conditions per step {global_batch}")
         if global_batch % process_count:
             raise ValueError(f"conditions per step {global_batch} not divisible by {process_count} processes")
-        objs = toy.sample_objects(seed, pool_size, "train")
-        self.cond = toy.conditions(objs["occ"])  # (P, L, C)
+        objs = objects.sample_objects(seed, pool_size, "train")
+        self.cond = condition.tokens(objs["occ"])  # (P, L, C)
         self.seed, self.global_batch = seed, global_batch
         per = global_batch // process_count
         self.rows = slice(process_index * per, (process_index + 1) * per)
@@ -41,10 +40,3 @@ class ToyConditionSource:
 
     def close(self) -> None:
         pass
-
-
-def heldout(seed: int, n: int) -> dict:
-    """n held-out objects, deterministic in ``seed``: `toy.sample_objects`'s fields (occ (n, R, R, R) bool,
-    kind, stable, margin, params) plus cond (n, L, C) float32."""
-    objs = toy.sample_objects(seed, n, "heldout")
-    return dict(objs, cond=toy.conditions(objs["occ"]))

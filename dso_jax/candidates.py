@@ -1,0 +1,60 @@
+"""A policy's candidates with their verdicts: sample K latents per condition, decode, simulate.
+
+This is what the online step does to make its own training labels and what the held-out protocol
+(``dso_jax.toy.heldout``) measures; both call the same function, so "what was trained on" and "what was
+measured" cannot drift apart. (The MJX simulation itself is ``dso_jax.physics.rollout``.)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from dso_jax import lora
+from dso_jax.models.layers import cast_block_weights
+from dso_jax.models.ss_decoder import occupancy_from_logits
+from dso_jax.sampling import sample_from_config
+
+ApplyFn = Callable[..., jax.Array]
+DecodeFn = Callable[..., jax.Array]  # decode_fn(dec_params, z (N, C, R, R, R)) -> logits (N, 1, D, D, D)
+StabilityFn = Callable[[jax.Array], dict]  # occ (N, D, D, D) -> {'stable', 'angle', 'valid', ...} of (N,)
+
+
+def policy_params(base, overlay, dtype):
+    """base ⊕ overlay (``overlay=None``: the base alone) without gradient, block weights pre-cast to ``dtype``."""
+    params = jax.lax.stop_gradient(base if overlay is None else lora.merge(base, overlay))
+    return cast_block_weights(params, dtype)
+
+
+def make_candidates_fn(
+    apply_fn: ApplyFn,
+    decode_fn: DecodeFn,
+    stability_fn: Optional[StabilityFn],
+    sampler_cfg,
+    latent_shape,
+    num_candidates: int,
+):
+    """``candidates(params, dec_params, cond (B, S, Cc), key) -> dict`` of z (B, K, C, R, R, R) and occ
+    (B, K, D, D, D), and with a ``stability_fn`` stable / angle / valid (B, K); K = ``num_candidates``,
+    ``params`` already merged (:func:`policy_params`). The noise of all B·K samples is one draw from ``key``."""
+    k = num_candidates
+
+    def candidates(params, dec_params, cond, key):
+        b = cond.shape[0]
+        cond_k = jnp.repeat(cond, k, axis=0)  # (B K, S, Cc), candidates of a condition adjacent
+        noise = jax.random.normal(key, (b * k,) + tuple(latent_shape), jnp.float32)
+        z = sample_from_config(apply_fn, params, noise, cond_k, sampler_cfg)  # (B K, C, R, R, R)
+        occ = occupancy_from_logits(decode_fn(dec_params, z))  # (B K, D, D, D)
+        out = {"z": z.reshape((b, k) + z.shape[1:]), "occ": occ.reshape((b, k) + occ.shape[1:])}
+        if stability_fn is not None:
+            verdict = stability_fn(occ)
+            out.update(
+                stable=(verdict["stable"] & verdict["valid"]).reshape(b, k),
+                angle=verdict["angle"].reshape(b, k),
+                valid=verdict["valid"].reshape(b, k),
+            )
+        return out
+
+    return candidates
