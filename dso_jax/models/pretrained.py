@@ -1,13 +1,17 @@
-"""Pretrained TRELLIS stage-1 models: build from a json, convert, load, and the conversion CLI's work.
+"""Pretrained TRELLIS models (stage 1, and stage 2's SLat flow): build from a json, convert, load, and the
+conversion CLI's work.
 
 ``load_pretrained(path)`` returns ``(apply_fn, params)``:
 
 * ``path`` is a converted folder (``params.safetensors`` + ``config.json``, see
-  ``ported_weights/README.md``) or a TRELLIS checkpoint prefix ``.../ckpts/NAME`` (``NAME.json`` and
-  ``NAME.safetensors`` beside it), converted in memory;
+  ``ported_weights/README.md``), a folder holding exactly one converted folder, or a TRELLIS checkpoint
+  prefix ``.../ckpts/NAME`` (``NAME.json`` and ``NAME.safetensors`` beside it), converted in memory;
 * ``params`` is the inner parameter dict (what ``variables['params']`` is), float32 master weights;
 * ``apply_fn(params, x, t, cond)`` (flow; x (B, C, R, R, R), t (B,) in [0, 1000], cond (B, S, Cc)) or
-  ``apply_fn(params, z)`` (decoder; z (B, 8, R, R, R) -> logits (B, 1, 4R, 4R, 4R)) calls
+  ``apply_fn(params, z)`` (decoder; z (B, 8, R, R, R) -> logits (B, 1, 4R, 4R, 4R)) or
+  ``apply_fn(params, x, t, cond)`` (SLat flow; x a ``dso_jax.sparse.SparseBatch`` -> a SparseBatch of
+  velocities on the same voxels; build x with ``sparse.from_trellis(coords, feats,
+  downsamples=apply_fn.module.downsamples)``) calls
   ``module.apply({'params': params}, ...)``. It is not jitted, so it composes into jitted samplers
   and train steps; ``jax.jit(apply_fn)`` works.
 """
@@ -23,12 +27,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dso_jax.convert import trellis
+from dso_jax import sparse
+from dso_jax.convert import trellis, trellis_slat
 from dso_jax.convert.verify import ConversionError, check_finite_and_deterministic, tree_diff
+from dso_jax.models.slat_flow import SLatFlowModel
 from dso_jax.models.ss_decoder import SparseStructureDecoder
 from dso_jax.models.ss_flow import SparseStructureFlowModel
 
-MODEL_CLASSES = {trellis.FLOW: SparseStructureFlowModel, trellis.DECODER: SparseStructureDecoder}
+MODEL_CLASSES = {
+    trellis.FLOW: SparseStructureFlowModel,
+    trellis.DECODER: SparseStructureDecoder,
+    **{name: SLatFlowModel for name in trellis_slat.SLAT_FLOW_NAMES},
+}
+EXAMPLE_VOXELS = (300, 200)  # voxels per object of the SLat flow's example inputs (two objects for batch 2)
 
 
 def model_from_config(name: str, args: Mapping[str, Any], dtype: Any = jnp.float32) -> nn.Module:
@@ -51,8 +62,18 @@ def default_dtype(name: str, args: Mapping[str, Any]) -> jnp.dtype:
 def example_inputs(
     module: nn.Module, *, batch: int = 1, cond_len: int = 8, latent_res: int = 16, seed: int = 0
 ) -> tuple:
-    """Random inputs in TRELLIS's layout: (x, t, cond) for the flow model, (z,) for the decoder."""
+    """Random inputs in TRELLIS's layout: (x, t, cond) for the flow models, (z,) for the decoder."""
     rng = np.random.default_rng(seed)
+    if isinstance(module, SLatFlowModel):
+        counts = [EXAMPLE_VOXELS[i % len(EXAMPLE_VOXELS)] for i in range(batch)]
+        coords = sparse.example_coords(counts, module.resolution, seed=seed)
+        feats = rng.standard_normal((len(coords), module.in_channels), np.float32)
+        x = sparse.from_trellis(
+            coords, feats, resolution=module.resolution, downsamples=module.downsamples, quantum=256, coarse_quantum=128
+        )
+        t = rng.uniform(0.0, 1000.0, (batch,)).astype(np.float32)
+        cond = rng.standard_normal((batch, cond_len, module.cond_channels), np.float32)
+        return x, jnp.asarray(t), jnp.asarray(cond)
     if isinstance(module, SparseStructureFlowModel):
         r = module.resolution
         x = rng.standard_normal((batch, module.in_channels, r, r, r), np.float32)
@@ -121,8 +142,14 @@ def _load_params(path: str) -> tuple[dict, dict]:
     if trellis.is_pipeline_folder(path):
         prefixes = sorted(trellis.pipeline_stage1_prefixes(path).values())
         raise ValueError(f"{path} is a TRELLIS pipeline folder; load one model: {prefixes}")
-    if os.path.isdir(path) and any(trellis.is_converted_folder(os.path.join(path, d)) for d in os.listdir(path)):
-        subs = sorted(d for d in os.listdir(path) if trellis.is_converted_folder(os.path.join(path, d)))
+    subs = (
+        sorted(d for d in os.listdir(path) if trellis.is_converted_folder(os.path.join(path, d)))
+        if os.path.isdir(path)
+        else []
+    )
+    if len(subs) == 1:  # DST of a one-model conversion: that model
+        return _load_params(os.path.join(path, subs[0]))
+    if subs:
         raise ValueError(f"{path} holds converted models {subs}; pass one of those folders")
     raise FileNotFoundError(
         f"{path}: neither a converted folder ({trellis.PARAMS_FILE} + {trellis.CONFIG_FILE}) "
@@ -153,14 +180,17 @@ def load_pretrained(path: str, *, dtype: Any = None, lora: Any = None, lora_alph
 
 
 def convert_trellis(src: str, dst: str, *, verify: bool = False, log: Callable[[str], None] = print) -> list[str]:
-    """The conversion CLI: ``src`` is a TRELLIS folder (its stage-1 models) or one ``NAME`` prefix.
+    """The conversion CLI: ``src`` is a TRELLIS folder (its stage-1 models, and the stage-2 SLat flow when its
+    files are there) or one ``NAME`` prefix.
 
     Writes ``dst/NAME/{params.safetensors, config.json, manifest.json}`` per model and copies a
     folder's ``pipeline.json`` to ``dst/source_pipeline.json``. With ``verify``, reloads each model
     and checks that a forward pass on random inputs is finite and deterministic. Returns the folders.
     """
     if trellis.is_pipeline_folder(src):
-        prefixes = list(trellis.pipeline_stage1_prefixes(src).values())
+        prefixes = list(trellis.pipeline_stage1_prefixes(src).values()) + list(
+            trellis.pipeline_stage2_prefixes(src).values()
+        )
     elif trellis.is_trellis_prefix(src):
         prefixes = [src]
     else:
@@ -185,7 +215,8 @@ def convert_trellis(src: str, dst: str, *, verify: bool = False, log: Callable[[
     if verify:
         for folder in out:
             apply_fn, params = load_pretrained(folder)
-            stats = check_finite_and_deterministic(apply_fn, params, example_inputs(apply_fn.module), name=folder)
+            fn = apply_fn if not isinstance(apply_fn.module, SLatFlowModel) else lambda p, *a: apply_fn(p, *a).feats
+            stats = check_finite_and_deterministic(fn, params, example_inputs(apply_fn.module), name=folder)
             log(
                 f"verify {folder}: output {stats['shape']} finite and deterministic; mean {stats['mean']:.4g} "
                 f"std {stats['std']:.4g} max|y| {stats['max_abs']:.4g}"
