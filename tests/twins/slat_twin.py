@@ -144,10 +144,13 @@ def _gather_submconv(x: SparseTensor, w, b) -> torch.Tensor:
     nbr = x.cache[key][1]
     fpad = torch.cat([x.feats, torch.zeros_like(x.feats[:1])], 0)
     wk = w.reshape(cout, k**3, cin)
-    acc = b.float().expand(len(x.feats), cout).clone()
-    for o in range(k**3):
-        acc += (fpad[nbr[:, o]] @ wk[:, o].t()).float()
-    return acc.to(x.feats.dtype)
+    if nbr.numel() * cin <= 1 << 24:  # small: one gather of every neighbourhood
+        acc = torch.einsum("mki,oki->mo", fpad[nbr].float(), wk.float())
+    else:  # large (Cin 2048 at full size): one offset at a time
+        acc = torch.zeros(len(x.feats), cout, device=x.feats.device)
+        for o in range(k**3):
+            acc += (fpad[nbr[:, o]] @ wk[:, o].t()).float()
+    return (acc + b.float()).to(x.feats.dtype)
 
 
 class SparseConv3d(nn.Module):
