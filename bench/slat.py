@@ -21,6 +21,9 @@ Rows: ``forward`` (median seconds, B = 1 and 4), ``sample`` (12-step CFG 3 sampl
 preset, seconds per object), each with compile seconds and peak device memory (JAX:
 ``memory_stats()['peak_bytes_in_use']``, the process peak so far; torch: ``max_memory_allocated``
 since the row began). Every line is printed as soon as it is measured, so a killed run keeps its rows.
+Each (voxels, batch) compiles twice on the JAX side (forward; sampler, whose guided steps run a 2B
+batch); ``--budget_s`` (default 540, for a 10-minute call) stops starting new ones and prints a
+``skipped`` line for each, so split a full grid over calls with ``--voxels``.
 """
 
 from __future__ import annotations
@@ -47,8 +50,19 @@ from dso_jax.sampling import DSO_STAGE2, SLAT_NORMALIZATION, SamplerSettings  # 
 COND_LEN = 1374
 
 
+_DEADLINE = [float("inf")]  # --budget_s: no new row starts after this (time.perf_counter)
+
+
 def emit(**row):
     print(json.dumps(row), flush=True)
+
+
+def out_of_time(**row) -> bool:
+    """True (and a ``skipped`` line) once the run's time budget is spent."""
+    if time.perf_counter() < _DEADLINE[0]:
+        return False
+    emit(skipped="time budget spent", **row)
+    return True
 
 
 def sample_row(sampler) -> str:
@@ -97,6 +111,8 @@ def bench_jax(sd, args, voxels, batches, rows, reps, quanta, sampler):
     samp = jax.jit(lambda p, x, c: sample_slat(apply_fn, p, x, c, **sampler.to_dict()).feats)
     for n in voxels:
         for b in batches:
+            if out_of_time(side="jax", voxels=n, batch=b):
+                continue
             coords, noise, cond = scene(n, b, args, seed=n + b)
             q, cq = quanta
             x = sparse.from_trellis(
@@ -151,6 +167,8 @@ def bench_torch(sd, args, voxels, batches, rows, reps, modes, sampler):
             model = torch.compile(twin, dynamic=True) if mode == "compile" else twin
             for n in voxels:
                 for b in batches:
+                    if out_of_time(side=f"torch_{mode}", voxels=n, batch=b):
+                        continue
                     coords, noise, cond = scene(n, b, args, seed=n + b)
                     x = st.from_numpy(coords, noise, device=dev)
                     cond = torch.from_numpy(cond).to(dev)
@@ -192,7 +210,11 @@ def main(argv=None):
     ap.add_argument("--torch", default="eager,compile", help="PyTorch rows: eager, compile, or none")
     ap.add_argument("--no_jax", action="store_true")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument(
+        "--budget_s", type=float, default=540.0, help="start no new (voxels, batch) after this many seconds"
+    )
     args = ap.parse_args(argv)
+    _DEADLINE[0] = time.perf_counter() + args.budget_s
     if args.smoke:
         os.environ["JAX_PLATFORMS"] = "cpu"
         model_args, voxels, batches, quanta, reps = TINY_SLAT_ARGS, [300], [2], (256, 64), 1

@@ -52,6 +52,11 @@ def test_coarse_level_is_the_unique_sorted_parents():
         n = int(x.levels[0].lengths[b])
         np.testing.assert_array_equal(np.asarray(coarse.parent)[b, :n], inverse.reshape(-1))
         assert (np.asarray(coarse.parent)[b, n:] == coarse.size).all()  # padding has no parent
+        kids = np.asarray(coarse.children)[b]
+        for j in range(m):  # each parent lists exactly its children, ascending, then the sentinel
+            want_kids = np.flatnonzero(inverse.reshape(-1) == j)
+            np.testing.assert_array_equal(kids[j], np.r_[want_kids, np.full(8 - len(want_kids), 64)])
+        assert (kids[m:] == 64).all()
 
 
 def test_with_feats_tiles_the_structure():

@@ -9,8 +9,8 @@ TRELLIS's ``SparseTensor`` stacks the voxels of all objects into one (M, C) arra
   every block and every sampler step. ``levels[0]`` describes the rows of ``feats``: coords (B, N, 3)
   int32, a valid mask (B, N) with each object's valid rows first, in the input's order, and the
   submanifold 3³ neighbour table. ``levels[k + 1]`` is ``levels[k]`` downsampled 2x (TRELLIS's
-  ``SparseDownsample``), with its own bucket (attention cost is quadratic in it) and the map from
-  each finer row to its parent row.
+  ``SparseDownsample``), with its own bucket (attention cost is quadratic in it), the map from
+  each finer row to its parent row and from each row to its (at most 8) finer children.
 
 Padding rows have zero coords, are never anybody's neighbour or parent, and carry finite values;
 models zero them on output. :func:`to_trellis` returns the valid rows in TRELLIS's layout.
@@ -40,6 +40,7 @@ class SparseLevel:
     mask: jax.Array  # (B, N) bool, each object's valid rows first
     neighbours: Optional[jax.Array] = None  # (B, N, 27) int32 rows of the 3³ neighbourhood; N marks "none"
     parent: Optional[jax.Array] = None  # (B, N_finer) int32: the row here of each finer row's parent; N for padding
+    children: Optional[jax.Array] = None  # (B, N, 8) int32: the finer rows of each row here; N_finer for none
     divisor: Optional[jax.Array] = None  # (B, N) float32: children + 1 (TRELLIS's mean counts its zero buffer)
     resolution: int = struct.field(pytree_node=False, default=64)
 
@@ -141,9 +142,9 @@ def from_trellis(
     levels = [_level(c, mask, resolution, neighbours)]
     for _ in range(downsamples):
         fine = levels[-1]
-        cc, cmask, parent, divisor = tables.downsample_map(fine.coords, fine.mask, coarse_quantum)
+        cc, cmask, parent, children, divisor = tables.downsample_map(fine.coords, fine.mask, coarse_quantum)
         coarse = _level(cc, cmask, fine.resolution // 2, neighbours)
-        levels.append(coarse.replace(parent=parent, divisor=divisor))
+        levels.append(coarse.replace(parent=parent, children=children, divisor=divisor))
     return SparseBatch(feats=f, levels=tuple(levels))
 
 

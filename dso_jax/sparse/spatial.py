@@ -7,7 +7,7 @@
 * :func:`upsample` is ``SparseUpsample(2)``: each child takes its parent's features (nearest).
 * :func:`subdivide` is ``SparseSubdivide``: voxel i becomes rows 8 i .. 8 i + 7 (its 2³ children).
 
-The index maps come from :mod:`dso_jax.sparse.tables` (``SparseLevel.parent``, ``.divisor``).
+The index maps come from :mod:`dso_jax.sparse.tables` (``SparseLevel.parent``, ``.children``, ``.divisor``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,14 @@ def gather_rows(x, idx):
 
 
 def downsample(x, coarse):
-    """x (B, N, C) on the finer level -> (B, N', C) on ``coarse`` (a ``SparseLevel`` with parent, divisor)."""
-    n = coarse.mask.shape[1]
-    sums = jax.vmap(lambda f, p: jax.ops.segment_sum(f, p, num_segments=n))(x.astype(jnp.float32), coarse.parent)
-    return (sums / coarse.divisor[..., None]).astype(x.dtype)  # padding children (parent = N') are dropped
+    """x (B, N, C) on the finer level -> (B, N', C) on ``coarse`` (a ``SparseLevel`` with children, divisor).
+
+    Eight gathers over the children table, summed in float32 in a fixed order: no scatter, so the result
+    is deterministic on GPU too.
+    """
+    x32 = x.astype(jnp.float32)
+    sums = sum(gather_rows(x32, coarse.children[..., k]) for k in range(coarse.children.shape[-1]))
+    return (sums / coarse.divisor[..., None]).astype(x.dtype)
 
 
 def upsample(x, coarse):

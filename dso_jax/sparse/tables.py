@@ -59,8 +59,9 @@ def downsample_map(coords, mask, quantum: int):
     """TRELLIS's ``SparseDownsample(2)`` structure: parents ``coords // 2``, unique and sorted (x, y, z).
 
     Returns (coarse coords (B, N', 3) int32, coarse mask (B, N'), parent (B, N) int32 with N' for padding,
-    divisor (B, N') float32 = children + 1, 1 on padding). N' is the smallest multiple of ``quantum``
-    that holds every object's parents.
+    children (B, N', 8) int32: the finer rows of each parent in ascending order, N for none, divisor (B, N')
+    float32 = children + 1, 1 on padding). N' is the smallest multiple of ``quantum`` that holds every
+    object's parents.
     """
     coords, mask = _valid(coords, mask)
     b, n, _ = coords.shape
@@ -72,13 +73,18 @@ def downsample_map(coords, mask, quantum: int):
     out_coords = np.zeros((b, n1, 3), np.int32)
     out_mask = np.zeros((b, n1), bool)
     parent = np.full((b, n), n1, np.int32)
+    children = np.full((b, n1, 8), n, np.int32)
     divisor = np.ones((b, n1), np.float32)
     for i, (cells, inverse, counts) in enumerate(per):
         m = len(cells)
         out_coords[i, :m], out_mask[i, :m] = cells, True
         parent[i, : len(inverse)] = inverse
         divisor[i, :m] = counts + 1
-    return out_coords, out_mask, parent, divisor
+        rows = np.argsort(inverse, kind="stable")  # finer rows grouped by parent, ascending within a parent
+        sorted_parent = inverse[rows]
+        rank = np.arange(len(rows)) - np.searchsorted(sorted_parent, sorted_parent)
+        children[i, sorted_parent, rank] = rows
+    return out_coords, out_mask, parent, children, divisor
 
 
 def subdivide_coords(coords, mask):
