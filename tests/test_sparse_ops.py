@@ -1,7 +1,7 @@
 """Sparse operators (``dso_jax.sparse``) vs the PyTorch twin of TRELLIS's (``tests/twins/slat_twin.py``), fp32 on CPU.
 
 Every batch holds two objects of different voxel counts. Tolerance: max |flax - torch| <= 1e-5 x max |torch|
-for single operators (measured ~1e-7); index maps and coords must match exactly.
+for single operators (measured below 1e-6); index maps and coords must match exactly.
 """
 
 import jax

@@ -140,7 +140,9 @@ def _load_params(path: str) -> tuple[dict, dict]:
         config, params, _ = convert_checkpoint(path)
         return config, params
     if trellis.is_pipeline_folder(path):
-        prefixes = sorted(trellis.pipeline_stage1_prefixes(path).values())
+        prefixes = sorted(
+            [*trellis.pipeline_stage1_prefixes(path).values(), *trellis.pipeline_stage2_prefixes(path).values()]
+        )
         raise ValueError(f"{path} is a TRELLIS pipeline folder; load one model: {prefixes}")
     subs = (
         sorted(d for d in os.listdir(path) if trellis.is_converted_folder(os.path.join(path, d)))

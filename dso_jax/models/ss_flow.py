@@ -51,9 +51,8 @@ class ModulatedTransformerCrossBlock(nn.Module):
     attn_impl: str = "auto"
 
     @nn.compact
-    def __call__(
-        self, x, mod, context, rope=None, lengths=None
-    ):  # x (B, L, C), mod (B, C) or (B, 6C), context (B, S, Cc)
+    def __call__(self, x, mod, context, rope=None, lengths=None):
+        # x (B, L, C), mod (B, C) or (B, 6C), context (B, S, Cc), lengths (B,) or None
         if not self.share_mod:
             mod = nn.Dense(6 * self.channels, dtype=self.dtype, name="adaLN_modulation_1")(nn.silu(mod))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = [
