@@ -20,6 +20,7 @@ from twins import slat_twin as st
 from dso_jax import sparse
 from dso_jax.convert import rules, trellis, trellis_slat
 from dso_jax.models.pretrained import abstract_params, example_inputs, model_from_config
+from dso_jax.models.slat_flow import SparseResBlock3d
 
 torch.set_num_threads(2)
 REL = 1e-4
@@ -77,6 +78,36 @@ def check_model(args, counts, seed=0, **kw):
 )
 def test_slat_flow_tiny(overrides):
     check_model({**TINY_SLAT_ARGS, **overrides}, counts=(700, 380))
+
+
+def _block_params(twin_block):
+    """Flax params of a twin SparseResBlock3d through the conversion rules (kind from the key)."""
+    kind = lambda k: "layernorm" if ".norm" in f".{k}" else "spconv" if ".conv." in k else "linear"
+    flat = {}
+    for k, v in twin_block.state_dict().items():
+        flat[rules.flax_key(k, kind(k))] = rules.leaf_rule(kind(k), k).to_flax(v.numpy())
+    return rules.unflatten(flat)
+
+
+@pytest.mark.parametrize("mode", ["plain", "downsample", "upsample"])
+def test_sparse_res_block(mode):
+    cin, cout = (12, 12) if mode == "plain" else (12, 20)
+    (coords, feats, _, _), x = slat_inputs({**TINY_SLAT_ARGS, "in_channels": cin}, (700, 380), seed=4)
+    twin = st.randomize_(
+        st.SparseResBlock3d(cin, 32, cout, downsample=mode == "downsample", upsample=mode == "upsample"), 5
+    )
+    block = SparseResBlock3d(cin, 32, cout, downsample=mode == "downsample", upsample=mode == "upsample")
+    emb = np.random.default_rng(6).standard_normal((2, 32)).astype(np.float32)
+    fine, coarse = x.levels
+    inp, h, level_out = st.from_numpy(coords, feats), x.feats, coarse if mode == "downsample" else fine
+    if mode == "upsample":  # the input lives on the coarse level, made by the downsample it pairs with
+        inp, h = st.SparseDownsample()(inp), sparse.downsample(x.feats, coarse)
+    out = jax.jit(lambda p, h, e: block.apply({"params": p}, h, e, fine, coarse))(_block_params(twin), h, emb)
+    with torch.no_grad():
+        ref = twin(inp, torch.from_numpy(emb))
+    b, n = np.nonzero(np.asarray(level_out.mask))
+    np.testing.assert_array_equal(np.c_[b, np.asarray(level_out.coords)[b, n]], ref.coords.numpy())
+    assert_parity(np.asarray(out)[b, n], ref.feats.numpy(), rel=1e-5)
 
 
 def test_slat_flow_full_width_two_blocks():
