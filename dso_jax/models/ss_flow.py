@@ -32,7 +32,11 @@ Dtype = Any
 
 
 class ModulatedTransformerCrossBlock(nn.Module):
-    """adaLN-modulated self-attention, plain cross-attention (affine ``norm2``), modulated MLP."""
+    """adaLN-modulated self-attention, plain cross-attention (affine ``norm2``), modulated MLP.
+
+    Also TRELLIS's ``ModulatedSparseTransformerCrossBlock`` (same math and names): with ``lengths`` (B,)
+    the tokens are padded sparse voxels and self-attention runs over each object's valid tokens.
+    """
 
     channels: int
     ctx_channels: int
@@ -47,7 +51,8 @@ class ModulatedTransformerCrossBlock(nn.Module):
     attn_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, mod, context, rope=None):  # x (B, L, C), mod (B, C) or (B, 6C), context (B, S, Cc)
+    def __call__(self, x, mod, context, rope=None, lengths=None):
+        # x (B, L, C), mod (B, C) or (B, 6C), context (B, S, Cc), lengths (B,) or None
         if not self.share_mod:
             mod = nn.Dense(6 * self.channels, dtype=self.dtype, name="adaLN_modulation_1")(nn.silu(mod))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = [
@@ -59,7 +64,7 @@ class ModulatedTransformerCrossBlock(nn.Module):
         h = h * (1 + scale_msa) + shift_msa
         h = MultiHeadAttention(
             self.channels, type="self", use_rope=self.use_rope, qk_rms_norm=self.qk_rms_norm, name="self_attn", **attn
-        )(h, rope=rope)
+        )(h, rope=rope, lengths=lengths)
         x = x + h * gate_msa
 
         h = LayerNorm32(1e-6, affine=True, name="norm2")(x)
