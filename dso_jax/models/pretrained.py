@@ -31,11 +31,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import FrozenDict
 
 from dso_jax import sparse
 from dso_jax.convert import files, peft, trellis, trellis_slat
 from dso_jax.convert.verify import ConversionError, check_finite, check_finite_and_deterministic, tree_diff
 from dso_jax.models import dinov2
+from dso_jax.models.slat_decoders import SLatGaussianDecoder, SLatMeshDecoder, decoder_input, offset_perturbation_of
 from dso_jax.models.slat_flow import SLatFlowModel
 from dso_jax.models.ss_decoder import SparseStructureDecoder
 from dso_jax.models.ss_flow import SparseStructureFlowModel
@@ -44,7 +46,10 @@ MODEL_CLASSES = {
     trellis.FLOW: SparseStructureFlowModel,
     trellis.DECODER: SparseStructureDecoder,
     **{name: SLatFlowModel for name in trellis_slat.SLAT_FLOW_NAMES},
+    **{name: SLatMeshDecoder for name in trellis_slat.SLAT_MESH_DECODER_NAMES},
+    **{name: SLatGaussianDecoder for name in trellis_slat.SLAT_GS_DECODER_NAMES},
 }
+SPARSE_MODELS = (SLatFlowModel, SLatMeshDecoder, SLatGaussianDecoder)  # SparseBatch in, SparseBatch out
 EXAMPLE_VOXELS = (300, 200)  # voxels per object of the SLat flow's example inputs (two objects for batch 2)
 
 
@@ -54,7 +59,10 @@ def model_from_config(name: str, args: Mapping[str, Any], dtype: Any = jnp.float
     if cls is None:
         raise ValueError(f"model_from_config: unknown model {name!r}; known: {sorted(MODEL_CLASSES)}")
     trellis.full_args(name, args, source=f"{name} args")  # names any unknown or missing arg
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    # Module fields must be hashable (jit / lru_cache keys): lists -> tuples, dicts (representation_config) frozen.
+    kwargs = {
+        k: tuple(v) if isinstance(v, list) else FrozenDict(v) if isinstance(v, Mapping) else v for k, v in args.items()
+    }
     return cls(**kwargs, dtype=jnp.dtype(dtype))
 
 
@@ -68,8 +76,14 @@ def default_dtype(name: str, args: Mapping[str, Any]) -> jnp.dtype:
 def example_inputs(
     module: nn.Module, *, batch: int = 1, cond_len: int = 8, latent_res: int = 16, seed: int = 0
 ) -> tuple:
-    """Random inputs in TRELLIS's layout: (x, t, cond) for the flow models, (z,) for the decoder."""
+    """Random inputs in TRELLIS's layout: (x, t, cond) for the flow models, (z,) for the decoder, (x,) for the SLat
+    decoders (a ``SparseBatch`` of small voxel shells)."""
     rng = np.random.default_rng(seed)
+    if isinstance(module, (SLatMeshDecoder, SLatGaussianDecoder)):
+        counts = [EXAMPLE_VOXELS[i % len(EXAMPLE_VOXELS)] for i in range(batch)]
+        coords = sparse.example_coords(counts, module.resolution, seed=seed)
+        feats = rng.standard_normal((len(coords), module.latent_channels), np.float32)
+        return (decoder_input(coords, feats, quantum=256, **module.input_kwargs),)
     if isinstance(module, SLatFlowModel):
         counts = [EXAMPLE_VOXELS[i % len(EXAMPLE_VOXELS)] for i in range(batch)]
         coords = sparse.example_coords(counts, module.resolution, seed=seed)
@@ -113,6 +127,8 @@ def buffers_of(module: nn.Module) -> dict[str, np.ndarray]:
     """Recomputed persistent buffers of the original (the 'ape' flow model's ``pos_emb``)."""
     if isinstance(module, SparseStructureFlowModel) and module.pe_mode == "ape":
         return {"pos_emb": module.pos_emb()}
+    if isinstance(module, SLatGaussianDecoder):
+        return {"offset_perturbation": offset_perturbation_of(module)}
     return {}
 
 
@@ -362,7 +378,7 @@ def convert_trellis(
         for name in names if verify else ():
             apply_fn, params = load_pretrained(os.path.join(tmp, name))
             where = os.path.join(dst, name)
-            fn = apply_fn if not isinstance(apply_fn.module, SLatFlowModel) else lambda p, *a: apply_fn(p, *a).feats
+            fn = apply_fn if not isinstance(apply_fn.module, SPARSE_MODELS) else lambda p, *a: apply_fn(p, *a).feats
             stats = check_finite_and_deterministic(fn, params, example_inputs(apply_fn.module), name=where)
             log(
                 f"verify {where}: output {stats['shape']} finite and deterministic; mean {stats['mean']:.4g} "
