@@ -2,11 +2,11 @@
 
 As a script, writes a TRELLIS model folder like the released one (``pipeline.json`` +
 ``ckpts/ss_flow_img_dit_L_16l8_fp16.{json,safetensors}`` + ``ckpts/ss_dec_conv3d_16l8_fp16.{json,safetensors}``,
-and with ``--slat`` ``ckpts/slat_flow_img_dit_L_64l8p2_fp16.{json,safetensors}``)::
+and with ``--slat`` stage 2: ``ckpts/slat_flow_img_dit_L_64l8p2_fp16`` and the mesh / Gaussian decoders)::
 
     python tests/helpers_trellis.py --out DIR              # tiny args (tests)
     python tests/helpers_trellis.py --out DIR --released   # the exact released architectures (~1.3 GB)
-    python tests/helpers_trellis.py --out DIR --released --slat   # + the released SLat flow (~1.2 GB more)
+    python tests/helpers_trellis.py --out DIR --released --slat   # + the released stage 2 (~1.6 GB more)
 
 Names, shapes and dtypes come from the key tables in ``dso_jax.convert.trellis`` (fp16 block
 Linears / torso Convs, fp32 elsewhere); the ``pos_emb`` buffer is computed here from the reference
@@ -275,12 +275,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Write a TRELLIS-format folder of random checkpoints.")
     ap.add_argument("--out", required=True)
     ap.add_argument("--released", action="store_true", help="the released architectures (default: tiny)")
-    ap.add_argument("--slat", action="store_true", help="also write the stage-2 SLat flow checkpoint")
+    ap.add_argument("--slat", action="store_true", help="also write the stage-2 checkpoints (SLat flow, decoders)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     flow, dec = (RELEASED_FLOW_ARGS, RELEASED_DECODER_ARGS) if args.released else (TINY_FLOW_ARGS, TINY_DECODER_ARGS)
-    slat = (RELEASED_SLAT_ARGS if args.released else TINY_SLAT_ARGS) if args.slat else None
-    for prefix in write_trellis_folder(args.out, flow, dec, args.seed, slat_args=slat).values():
+    stage2 = (RELEASED_SLAT_ARGS, RELEASED_MESH_DECODER_ARGS, RELEASED_GS_DECODER_ARGS)
+    stage2 = stage2 if args.released else (TINY_SLAT_ARGS, TINY_MESH_DECODER_ARGS, TINY_GS_DECODER_ARGS)
+    slat, mesh, gs = stage2 if args.slat else (None, None, None)
+    prefixes = write_trellis_folder(
+        args.out, flow, dec, args.seed, slat_args=slat, mesh_decoder_args=mesh, gs_decoder_args=gs
+    )
+    for prefix in prefixes.values():
         size = os.path.getsize(prefix + ".safetensors")
         print(f"wrote {prefix}.{{json,safetensors}} ({size:,} bytes)")
     return 0
