@@ -278,7 +278,9 @@ def test_generate_eval_names_meshes_for_the_evaluators_with_and_without_lora(tmp
     assert _json(out / "base" / "settings.json")["seeds"] == [1]  # DSO: seed = bid + 1
     ids.write_text("objaverse_only\n")
     with pytest.raises(ValueError, match="matches none"):
-        _script("generate_eval")(["--images", str(images / "*" / "*.png"), "--out", str(out), "--ids", str(ids), *STAGE1])
+        _script("generate_eval")(
+            ["--images", str(images / "*" / "*.png"), "--out", str(out), "--ids", str(ids), *STAGE1]
+        )
 
 
 def test_a_lora_file_brings_its_own_alpha(sampled, peft_file, tmp_path):
