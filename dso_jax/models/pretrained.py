@@ -1,5 +1,5 @@
-"""Pretrained models: build from a json, convert, load (TRELLIS stage 1, the stage-2 SLat flow, DINOv2, LoRA), and
-the conversion CLI's work.
+"""Pretrained models: build from a json, convert, load (TRELLIS stage 1, the stage-2 SLat flow and decoders, DINOv2,
+LoRA), and the conversion CLI's work.
 
 ``load_pretrained(path)`` returns ``(apply_fn, params)``:
 
@@ -11,7 +11,9 @@ the conversion CLI's work.
   ``apply_fn(params, z)`` (decoder; z (B, 8, R, R, R) -> logits (B, 1, 4R, 4R, 4R)) or
   ``apply_fn(params, x, t, cond)`` (SLat flow; x a ``dso_jax.sparse.SparseBatch`` -> a SparseBatch of
   velocities on the same voxels; build x with ``sparse.from_trellis(coords, feats,
-  downsamples=apply_fn.module.downsamples)``) calls
+  downsamples=apply_fn.module.downsamples)``) or ``apply_fn(params, x)`` (SLat mesh / Gaussian decoder; x from
+  ``slat_decoders.decoder_input(coords, slat, **apply_fn.module.input_kwargs)`` -> a SparseBatch of the
+  ``out_layer`` features: 101 channels on the 256³ voxels / 448 on the input voxels) calls
   ``module.apply({'params': params}, ...)``. It is not jitted, so it composes into jitted samplers
   and train steps; ``jax.jit(apply_fn)`` works.
 
@@ -362,8 +364,8 @@ def _source_prefixes(src: str) -> list[str]:
 def convert_trellis(
     src: str, dst: str, *, verify: bool = False, overwrite: bool = False, log: Callable[[str], None] = print
 ) -> list[str]:
-    """The conversion CLI: ``src`` is a TRELLIS folder (its stage-1 models, and the stage-2 SLat flow when its
-    files are there) or one ``NAME`` prefix.
+    """The conversion CLI: ``src`` is a TRELLIS folder (its stage-1 models, and the stage-2 SLat flow and decoders
+    when their files are there) or one ``NAME`` prefix.
 
     Writes ``dst/NAME/{params.safetensors, config.json, manifest.json}`` per model and copies a
     folder's ``pipeline.json`` to ``dst/source_pipeline.json``. With ``verify``, reloads each model
