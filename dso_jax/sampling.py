@@ -111,14 +111,19 @@ def sample(
     rescale_t: float,
     cfg_strength: float,
     cfg_interval: Sequence[float] = (0.0, 1.0),
+    null_cond: bool = True,
 ) -> jax.Array:
     """Draw x_0 from ``noise`` (B, ...) given ``cond`` (B or 1, S, Cc); returns (B, ...) like ``noise``.
 
-    ``neg_cond`` defaults to zeros like ``cond`` (TRELLIS's unconditional input).
+    ``neg_cond`` defaults to zeros like ``cond`` (TRELLIS's unconditional input). With ``null_cond`` (the
+    default) that all-zero input is passed to the model as ``cond=None``, which the TRELLIS ports evaluate
+    exactly without the cross-attention (``attention.MultiHeadAttention``), and a guided step makes two
+    B-row calls instead of one 2B-row call; ``null_cond=False`` feeds the zeros (same result to rounding).
     """
     b = noise.shape[0]
     if cond.shape[0] == 1 and b > 1:
         cond = jnp.broadcast_to(cond, (b,) + cond.shape[1:])
+    shortcut = neg_cond is None and null_cond
     if neg_cond is None:
         neg_cond = jnp.zeros_like(cond)
     elif neg_cond.shape[0] == 1 and b > 1:
@@ -140,8 +145,12 @@ def sample(
 
     def guided_step(x, step):
         t, dt = step
-        v_both = apply_fn(params, jnp.concatenate([x, x], axis=0), jnp.full((2 * b,), t), both_cond)
-        v = (1.0 + w) * v_both[:b] - w * v_both[b:]
+        if shortcut:  # conditional and all-zero halves as two calls: the zero half skips cross-attention
+            tb = jnp.full((b,), t)
+            v = (1.0 + w) * apply_fn(params, x, tb, cond) - w * apply_fn(params, x, tb, None)
+        else:
+            v_both = apply_fn(params, jnp.concatenate([x, x], axis=0), jnp.full((2 * b,), t), both_cond)
+            v = (1.0 + w) * v_both[:b] - w * v_both[b:]
         return x - dt * v.astype(x.dtype), None
 
     x = noise
@@ -178,6 +187,7 @@ def sample_slat(
     cfg_strength: float,
     cfg_interval: Sequence[float] = (0.0, 1.0),
     normalization: Optional[dict] = SLAT_NORMALIZATION,
+    null_cond: bool = True,
 ) -> SparseBatch:
     """TRELLIS's stage-2 sampling: :func:`sample` on the features of ``noise`` (its voxels and structure fixed),
     then ``slat * std + mean`` (``normalization``; None keeps the normalised latent). Padding rows stay 0.
@@ -200,6 +210,7 @@ def sample_slat(
         rescale_t=rescale_t,
         cfg_strength=cfg_strength,
         cfg_interval=cfg_interval,
+        null_cond=null_cond,
     )
     if normalization is not None:
         std = jnp.asarray(normalization["std"], jnp.float32)

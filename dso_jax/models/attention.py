@@ -104,6 +104,10 @@ class MultiHeadAttention(nn.Module):
     Fused projections keep PyTorch's output-channel order ``s * C + h * D + d`` (s = q/k/v), so
     converted kernels need no permutation. ``lengths`` (B,) makes self-attention per object over padded
     sparse tokens (each object's valid tokens first; TRELLIS's varlen attention).
+
+    Cross-attention with ``context=None`` is TRELLIS's unconditional input (an all-zero context) computed
+    exactly and cheaply: every key is ``to_kv``'s key bias, so softmax is uniform and every query receives the
+    value bias; the output is ``to_out(value bias)`` for every token (no q/kv projection, no attention).
     """
 
     channels: int
@@ -126,6 +130,11 @@ class MultiHeadAttention(nn.Module):
             q, k, v = (y.reshape(b, l, heads, head_dim) for y in (q, k, v))
             if self.use_rope:
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
+        elif self.type == "cross" and context is None:  # the all-zero condition (see the class docstring)
+            zero = jnp.zeros((1, 1, self.ctx_channels or c), self.dtype)
+            v = dense(2 * self.channels, "to_kv")(zero)[..., self.channels :]  # (1, 1, C): the value bias
+            h = nn.Dense(self.channels, dtype=self.dtype, name="to_out")(v)
+            return jnp.broadcast_to(h, (b, l, self.channels))
         elif self.type == "cross":
             s = context.shape[1]
             q = dense(self.channels, "to_q")(x).reshape(b, l, heads, head_dim)

@@ -140,9 +140,11 @@ class SLatFlowModel(nn.Module):
         if x.resolution != self.resolution:
             raise ValueError(f"{name}: x is at resolution {x.resolution}, the model at {self.resolution}")
         b = x.batch_size
-        if t.shape != (b,) or cond.ndim != 3 or cond.shape[0] != b or cond.shape[-1] != self.cond_channels:
+        bad_cond = cond is not None and (cond.ndim != 3 or cond.shape[0] != b or cond.shape[-1] != self.cond_channels)
+        if t.shape != (b,) or bad_cond:
+            got = None if cond is None else tuple(cond.shape)
             raise ValueError(
-                f"{name}: t {tuple(t.shape)} / cond {tuple(cond.shape)} do not match (B,) / (B, S, {self.cond_channels}), B = {b}"
+                f"{name}: t {tuple(t.shape)} / cond {got} do not match (B,) / (B, S, {self.cond_channels}), B = {b}"
             )
 
     @nn.compact
@@ -156,7 +158,8 @@ class SLatFlowModel(nn.Module):
         t_emb = TimestepEmbedder(c, name="t_embedder")(t)  # (B, C) float32
         if self.share_mod:
             t_emb = nn.Dense(6 * c, dtype=jnp.float32, name="adaLN_modulation_1")(nn.silu(t_emb))
-        t_emb, cond = t_emb.astype(self.dtype), cond.astype(self.dtype)
+        t_emb = t_emb.astype(self.dtype)
+        cond = None if cond is None else cond.astype(self.dtype)  # None: the all-zero condition, exactly
 
         skips, lvl = [], 0
         for i, (cin, cout, down) in enumerate(inp):

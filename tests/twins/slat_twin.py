@@ -370,6 +370,6 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
 def sample_slat(model, noise: SparseTensor, cond, neg_cond, normalization, **params) -> SparseTensor:
     """TRELLIS's ``sample_slat`` after the noise: the guidance-interval Euler sampler, then slat * std + mean."""
     x, _ = tw.FlowEulerGuidanceIntervalSampler(sigma_min=1e-5).sample(model, noise, cond, neg_cond, **params)
-    std = torch.tensor(normalization["std"], dtype=x.dtype)[None]
-    mean = torch.tensor(normalization["mean"], dtype=x.dtype)[None]
+    std = torch.tensor(normalization["std"], dtype=x.dtype, device=x.feats.device)[None]
+    mean = torch.tensor(normalization["mean"], dtype=x.dtype, device=x.feats.device)[None]
     return x * std + mean
