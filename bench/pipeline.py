@@ -1,7 +1,7 @@
 """Image -> GLB per stage on one GPU, full-size random weights, then ``generate_data --labels mesh`` throughput.
 
     python bench/pipeline.py                      # the lent H200: every row, one JSON line per result
-    python bench/pipeline.py --smoke              # tiny presets on the CPU (checks that it runs, ~2 min)
+    python bench/pipeline.py --smoke              # tiny presets and a tiny visibility raster on the CPU: runs?
     python bench/pipeline.py --voxels 12000,24000 --rows stages --twin
 
 Models: ``load_models`` / ``load_stage2`` with ``--preset released`` random weights (DINOv2 ViT-L/14 reg4, SS flow
@@ -18,7 +18,8 @@ decoder's instead of random-sign noise (``--sdf decoder`` keeps them).
 
 ``data`` row: ``generate.generate_dataset(labels='mesh')`` on ``--data_images`` images x 4 samples end to end,
 objects per minute; the random SS decoder's output bias is set so that its occupancy holds about ``--voxels``
-voxels. Peak device memory (``memory_stats()['peak_bytes_in_use']``; host max RSS on the CPU) on every row.
+voxels; the TFDS dataset is built only where ``tensorflow_datasets`` imports (``build`` in the row). Peak device
+memory (``memory_stats()['peak_bytes_in_use']``; host max RSS on the CPU) on every row.
 
 ``--twin`` adds the plain-torch twin decoders (``tests/twins/slat_decoder_twin.py``, fp16 torso on the GPU) on the
 same shells: TRELLIS's own decoders need spconv, flash-attn and kaolin, which the device image does not have.
@@ -27,6 +28,8 @@ same shells: TRELLIS's own decoders need spconv, flash-attn and kaolin, which th
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import os
 import resource
@@ -95,6 +98,14 @@ def sphere_shell(n: int, res: int = 64) -> np.ndarray:
     return g[np.sort(np.argpartition(d, n - 1)[:n])].astype(np.int32)
 
 
+def postprocess_settings(args) -> mesh_postprocess.PostprocessSettings:
+    """``to_glb``'s post-processing at this port's defaults, or the visibility budget given on the command line."""
+    post = mesh_postprocess.PostprocessSettings()
+    return dataclasses.replace(
+        post, num_views=args.views or post.num_views, resolution=args.post_resolution or post.resolution
+    )
+
+
 def bench_stages(args, models, stage2_models, voxels: int):
     m, reps, b = models, args.reps, args.objects
     rng = np.random.default_rng(0)
@@ -156,7 +167,7 @@ def bench_stages(args, models, stage2_models, voxels: int):
     raw1 = sphere_sdf(raw1) if args.sdf == "sphere" else raw1
     _, s, meshes = timed(lambda: mesh_extract.flexicubes(raw1), reps)
     emit(row="stages", stage="flexicubes", voxels=voxels, s_per_object=s, faces=len(meshes[0].faces), sdf=args.sdf)
-    post = mesh_postprocess.PostprocessSettings()
+    post = postprocess_settings(args)
     stats: dict = {}
     first, s, final = timed(lambda: mesh_postprocess.postprocess(meshes[0], post, stats), reps)
     emit(row="stages", stage="postprocess", voxels=voxels, s_per_object=s, first_s=first, **stats, peak_gib=peak_gib())
@@ -250,6 +261,8 @@ def bench_data(args, voxels: int):
     )
     from PIL import Image
 
+    build = importlib.util.find_spec("tensorflow_datasets") is not None
+
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(1)
         paths = []
@@ -262,7 +275,14 @@ def bench_data(args, voxels: int):
             Image.fromarray(a, "RGBA").save(paths[-1])
         t = time.perf_counter()
         summary = generate.generate_dataset(
-            gen, paths, os.path.join(tmp, "data"), labels="mesh", stage2=s2, log=lambda _: None
+            gen,
+            paths,
+            os.path.join(tmp, "data"),
+            labels="mesh",
+            stage2=s2,
+            postprocess=postprocess_settings(args),
+            build_dataset=build,
+            log=lambda _: None,
         )
         dt = time.perf_counter() - t
     emit(
@@ -273,6 +293,7 @@ def bench_data(args, voxels: int):
         seconds=dt,
         objects_per_min=60 * summary["samples"] / dt,
         invalid=summary["invalid"],
+        build=build,
         peak_gib=peak_gib(),
     )
 
@@ -290,10 +311,12 @@ def main(argv=None):
     ap.add_argument("--data_images", type=int, default=8)
     ap.add_argument("--batch_images", type=int, default=2)
     ap.add_argument("--twin", action="store_true")
+    ap.add_argument("--views", type=int, help="visibility views (default: PostprocessSettings')")
+    ap.add_argument("--post_resolution", type=int, help="visibility raster (default: PostprocessSettings')")
     args = ap.parse_args(argv)
     if args.smoke:
         args.preset, args.voxels, args.objects, args.reps, args.quantum = "tiny", "600", 2, 1, 1024
-        args.data_images, args.batch_images = 2, 2
+        args.data_images, args.batch_images, args.views, args.post_resolution = 1, 1, 24, 96
     emit(row="device", backend=jax.default_backend(), device=str(jax.devices()[0]), preset=args.preset)
     rows = args.rows.split(",")
     for voxels in (int(v) for v in args.voxels.split(",")):

@@ -329,6 +329,7 @@ def generate_dataset(
     labels: str = "occupancy",
     stage2: Optional[Stage2] = None,
     postprocess: Optional[mesh_postprocess.PostprocessSettings] = mesh_postprocess.PostprocessSettings(),
+    build_dataset: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
     """DSO's data generation into ``out_dir`` (``objects/``, ``failures.json``, ``generation.json``,
@@ -336,7 +337,9 @@ def generate_dataset(
 
     ``labels``: 'occupancy' simulates the stage-1 occupancy (fast); 'mesh' (needs ``stage2``) each latent's final
     stage-2 mesh after ``postprocess`` (DSO's recipe: its labels come from ``to_glb(simplify=0.95,
-    fill_holes=True)`` meshes) with the Generator's physics config (``rollout.SIM_PRESETS['mesh']`` in the CLI)."""
+    fill_holes=True)`` meshes) with the Generator's physics config (``rollout.SIM_PRESETS['mesh']`` in the CLI).
+    ``build_dataset=False`` stops after the work files (no TFDS import; a later run over the same ``out_dir`` builds
+    it)."""
     if gen.physics is None:
         raise ValueError("generate_dataset needs a Generator built with physics=<sim config>")
     if labels not in LABELS:
@@ -421,7 +424,7 @@ def generate_dataset(
         _pipelined(gen, todo, noise, dict(background=background), labels == "occupancy", consume, failures, bar)
     write_json(os.path.join(out_dir, "failures.json"), failures, sort_keys=True)
     dataset, objects = None, 0
-    if next(generated.dataset_records(work), None) is not None:  # TFDS cannot write an empty split
+    if build_dataset and next(generated.dataset_records(work), None) is not None:  # TFDS can't write an empty split
         from dso_jax.data import tfds_dso
 
         dataset = generated.build_tfds(out_dir, work, num_models_per_image=num_samples)
@@ -444,7 +447,7 @@ def generate_dataset(
         f"generate: {summary['generated']} images generated, {summary['skipped_done']} already done, "
         f"{summary['failed']} failed; {summary['samples']} samples this run ({summary['stable']} stable, "
         f"{summary['invalid']} invalid, of which {summary['nonfinite']} non-finite); "
-        f"dataset {dataset or 'not written (no usable sample)'} ({objects} objects)"
+        f"dataset {dataset or ('not written (no usable sample)' if build_dataset else 'not built')} ({objects} objects)"
     )
     _log_failures(log, failures)
     return summary
