@@ -11,15 +11,17 @@ and decoder, SLat flow, mesh and Gaussian decoders: all the released architectur
 dinov2, stage1_sample (12 steps CFG 7.5) + ss_decode, structures (host: index tables, swin partitions,
 subdivided levels), stage2_sample (12 steps CFG 3), mesh_decode, gs_decode, flexicubes, postprocess (to_glb's:
 simplify 0.95, visibility, min cut, holes), glb_write, ply_write, mjx_verdict (MJX mesh path, the mesh preset).
-Stage 2 runs on random ellipsoidal shells of exactly ``--voxels`` voxels (random stage-1 weights occupy half the
-64³ grid, which no trained model does). ``--sdf sphere`` (default) replaces the mesh decoder's 8 SDF channels by
-a sphere's (radius 0.35) before FlexiCubes, so that extraction and post-processing see a surface like a trained
-decoder's instead of random-sign noise (``--sdf decoder`` keeps them).
+Stage 2 runs on ``--objects`` structures of exactly ``--voxels`` voxels: the voxels nearest a sphere of radius 0.35
+(``--sdf sphere``, default) or ``sparse.example_coords`` blobs (``--sdf decoder``); random stage-1 weights occupy
+half the 64³ grid, which no trained model does. ``--sdf sphere`` also replaces the mesh decoder's 8 SDF channels by
+that sphere's before FlexiCubes, so that extraction and post-processing see a surface like a trained decoder's
+instead of random-sign noise (a surface through most cubes); ``--sdf decoder`` keeps them.
 
 ``data`` row: ``generate.generate_dataset(labels='mesh')`` on ``--data_images`` images x 4 samples end to end,
 objects per minute; the random SS decoder's output bias is set so that its occupancy holds about ``--voxels``
-voxels; the TFDS dataset is built only where ``tensorflow_datasets`` imports (``build`` in the row). Peak device
-memory (``memory_stats()['peak_bytes_in_use']``; host max RSS on the CPU) on every row.
+voxels, and ``--sdf sphere`` applies there too (the surface is where the occupancy meets the sphere). The TFDS
+dataset is built only where ``tensorflow_datasets`` imports (``build`` in the row). Peak device memory
+(``memory_stats()['peak_bytes_in_use']``; host max RSS on the CPU) on every row.
 
 ``--twin`` adds the plain-torch twin decoders (``tests/twins/slat_decoder_twin.py``, fp16 torso on the GPU) on the
 same shells: TRELLIS's own decoders need spconv, flash-attn and kaolin, which the device image does not have.
@@ -259,6 +261,8 @@ def bench_data(args, voxels: int):
     s2 = Stage2(
         load_stage2(random_weights=args.preset, gaussians=False), objects_per_batch=args.objects, quantum=args.quantum
     )
+    if args.sdf == "sphere":  # a surface like a trained decoder's, not random-sign noise
+        s2.decode_mesh = lambda db, slat: sphere_sdf(Stage2.decode_mesh(s2, db, slat))
     from PIL import Image
 
     build = importlib.util.find_spec("tensorflow_datasets") is not None
@@ -294,6 +298,7 @@ def bench_data(args, voxels: int):
         objects_per_min=60 * summary["samples"] / dt,
         invalid=summary["invalid"],
         build=build,
+        sdf=args.sdf,
         peak_gib=peak_gib(),
     )
 
