@@ -65,8 +65,14 @@ def check_decoder(name, args, counts, seed=0, quantum=256):
     "overrides",
     [
         {},
-        {"attn_mode": "full", "qk_rms_norm": True, "mlp_ratio": 2.5},
-        {"num_heads": None, "num_head_channels": 32, "representation_config": {"use_color": False}},
+        {  # every other arg in one run
+            "attn_mode": "full",
+            "qk_rms_norm": True,
+            "mlp_ratio": 2.5,
+            "num_heads": None,
+            "num_head_channels": 32,
+            "representation_config": {"use_color": False},
+        },
     ],
 )
 def test_mesh_decoder_tiny(overrides):
@@ -89,7 +95,7 @@ def test_mesh_decoder_full_width_two_blocks():
 
 
 def test_gaussian_decoder_full_width_two_blocks():
-    check_decoder(GS, {**RELEASED_GS_DECODER_ARGS, "num_blocks": 2}, counts=(2600, 1900), seed=3, quantum=1024)
+    check_decoder(GS, {**RELEASED_GS_DECODER_ARGS, "num_blocks": 2}, counts=(600, 350), seed=3)
 
 
 @pytest.mark.skipif(not SLOW, reason="set DSO_JAX_SLOW_TESTS=1 (the released 64³ grid: 256³ output, minutes)")
