@@ -42,8 +42,15 @@ def _json(path):
         return json.load(f)
 
 
-def test_sample_writes_a_y_up_glb_with_vertex_colours_and_a_gaussian_ply_and_raw_mesh_keeps_flexicubes(tmp_path):
-    """One test (not a shared fixture) so that xdist never runs the default sample.py twice."""
+def test_sample_eval_and_data_clis_end_to_end(tmp_path):
+    """The three image CLIs in one test, so that they share one process's compiles (same shapes: 2 images x 1
+    sample per stage-1 call, the same stage-2 buckets); each part below is one CLI's spec."""
+    _sample_writes_a_y_up_glb_with_vertex_colours_and_a_gaussian_ply(tmp_path / "sample")
+    _generate_eval_writes_final_meshes_and_a_lora_changes_stage_1_only(tmp_path / "eval")
+    _generate_data_labels_mesh_simulates_the_final_meshes(tmp_path / "data")
+
+
+def _sample_writes_a_y_up_glb_with_vertex_colours_and_a_gaussian_ply(tmp_path):
     image = _rgba(str(tmp_path / "in" / "chair.png"))
     out = str(tmp_path / "out")
     _script("sample")(["--image", image, "--out", out, *STAGE2])
@@ -66,20 +73,13 @@ def test_sample_writes_a_y_up_glb_with_vertex_colours_and_a_gaussian_ply_and_raw
     assert settings["stage"] == 2 and settings["stage2_sampler"]["steps"] == 2
     assert settings["postprocess"]["simplify"] == 0.95 and settings["stage2_models"]["mesh_decoder"] == "random:tiny"
 
-    raw = str(tmp_path / "raw")  # --raw_mesh: the FlexiCubes output as extracted; --no_gaussians: no .ply
-    _script("sample")(["--image", image, "--out", raw, "--raw_mesh", "--no_gaussians", *STAGE2])
-    (raw_entry,) = _json(os.path.join(raw, "manifest.json"))["images"][image]
-    assert "ply" not in raw_entry and not os.path.exists(os.path.join(raw, "chair_000.ply"))
-    assert raw_entry["faces"] == entries[0]["mesh_faces_raw"]  # the same stage-2 mesh before post-processing
-    (mesh,) = trimesh.load(os.path.join(raw, "chair_000.glb")).geometry.values()
-    assert len(mesh.faces) == raw_entry["faces"]
 
-
-def test_generate_eval_writes_final_meshes_and_a_lora_changes_stage_1_only(tmp_path):
+def _generate_eval_writes_final_meshes_and_a_lora_changes_stage_1_only(tmp_path):
     models = pretrained.load_models(random_weights="tiny")
     overlay = lora.init_overlay(jax.random.PRNGKey(1), models.flow_params, rank=4, alpha=8.0)
     overlay = overlay.replace(factors=jax.tree.map(lambda x: x + 0.05, overlay.factors))
     lora_file = str(tmp_path / "lora.safetensors")
+    os.makedirs(tmp_path, exist_ok=True)
     peft.save_peft(lora_file, models.flow_params, overlay, full_state_dict=False)
     images = tmp_path / "eval"
     _rgba(str(images / "uid0" / "000.png"), seed=2)
@@ -95,18 +95,20 @@ def test_generate_eval_writes_final_meshes_and_a_lora_changes_stage_1_only(tmp_p
     assert "lora" in lora_src["models"] and "lora" not in json.dumps(lora_src["stage2_models"])
 
 
-def test_generate_data_labels_mesh_simulates_the_final_meshes(tmp_path):
+def _generate_data_labels_mesh_simulates_the_final_meshes(tmp_path):
     images = tmp_path / "images"
-    _rgba(str(images / "obj0" / "000.png"), seed=10)
+    for i in range(2):
+        _rgba(str(images / "obj0" / f"{i:03d}.png"), seed=10 + i)
     out = str(tmp_path / "data")
-    argv = ["--images", str(images / "*" / "*.png"), "--out", out, "--num_samples", "2", "--labels", "mesh", *STAGE2]
-    _script("generate_data")([*argv, "--batch_images", "1"])
+    argv = ["--images", str(images / "*" / "*.png"), "--out", out, "--num_samples", "1", "--labels", "mesh", *STAGE2]
+    _script("generate_data")(argv)
     gen = _json(os.path.join(out, "generation.json"))
     assert gen["labels"] == "mesh" and gen["stage"] == 2 and gen["physics"]["num_points"] == 32  # the mesh preset
     summary = _json(os.path.join(out, "summary.json"))
     assert summary["samples"] == 2 and summary["invalid"] < 2
-    work = np.load(os.path.join(out, "objects", "obj0", "000.npz"))
-    assert work["angle"].shape == (2,) and np.isfinite(work["angle"][work["valid"]]).all()
+    for i in range(2):
+        work = np.load(os.path.join(out, "objects", "obj0", f"{i:03d}.npz"))
+        assert work["angle"].shape == (1,) and np.isfinite(work["angle"][work["valid"]]).all()
 
 
 def test_an_objects_slat_does_not_depend_on_its_batch_partner_or_bucket_and_each_bucket_compiles_once():
