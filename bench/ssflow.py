@@ -15,7 +15,7 @@ parent prints the table at the end. Rows:
   options (``VARIANTS`` below). ``library`` is what a user gets: ``dso_jax.xla_flags.DEFAULTS`` and the
   sampler's exact zero-condition shortcut; ``default`` is XLA's own flags (``DSO_JAX_NO_XLA_DEFAULTS=1``).
 
-Weights: random, every parameter N(0, 0.02) in torch; Flax's init in JAX (same shapes, released architecture).
+Weights: random, every parameter N(0, 0.02) on both sides (same shapes: the released architecture).
 """
 
 from __future__ import annotations
@@ -102,8 +102,12 @@ def run_jax(variant: str, batches, reps: int, sample_batch: int, tiny: bool = Fa
     dec = SparseStructureDecoder(**dec_args, dtype=dtype)
     key = jax.random.PRNGKey(0)
     x1 = jnp.zeros((1, 8, 16, 16, 16), jnp.float32)
-    fparams = jax.jit(flow.init)(key, x1, jnp.zeros((1,)), jnp.zeros((1, cond_len, cc)))["params"]
-    dparams = jax.jit(dec.init)(key, x1)["params"]
+    # N(0, 0.02) like the torch rows, drawn on the host from the shapes alone: compiling the released model's
+    # Flax init took longer than a row's 60 s limit on the H200
+    rng = np.random.default_rng(0)
+    draw = lambda tree: jax.tree.map(lambda a: jnp.asarray(0.02 * rng.standard_normal(a.shape, np.float32)), tree)
+    fparams = draw(jax.eval_shape(flow.init, key, x1, jnp.zeros((1,)), jnp.zeros((1, cond_len, cc)))["params"])
+    dparams = draw(jax.eval_shape(dec.init, key, x1)["params"])
     apply_flow = lambda p, x, t, c: flow.apply({"params": p}, x, t, c)
     fwd = jax.jit(apply_flow)
     for b in batches:
