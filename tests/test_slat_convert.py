@@ -28,7 +28,7 @@ from safetensors.numpy import load_file
 from twins import slat_twin as st
 
 import convert_trellis
-from dso_jax import sparse
+from dso_jax import cli, sparse
 from dso_jax.convert import rules, trellis, trellis_slat
 from dso_jax.convert.verify import ConversionError
 from dso_jax.models import load_pretrained
@@ -156,12 +156,16 @@ def test_cli_converts_the_slat_prefix_and_load_pretrained_takes_dst(src, tmp_pat
     jax.tree.map(np.testing.assert_array_equal, params, load_pretrained(prefix)[1])
 
 
-def test_cli_refuses_a_bad_slat_checkpoint(tmp_path, capsys):
+def test_cli_refuses_a_bad_slat_checkpoint(tmp_path, capsys, monkeypatch):
     sd = random_state_dict(CFG)
     del sd["out_blocks.1.emb_layers.1.weight"]
     prefix = write_checkpoint(str(tmp_path / "ckpts" / SLAT_NAME), CFG, sd)
-    assert convert_trellis.main(["--src", prefix, "--dst", str(tmp_path / "out")]) == 1
-    assert f"{prefix}.safetensors: missing key 'out_blocks.1.emb_layers.1.weight'" in capsys.readouterr().err
+    argv = ["convert_trellis.py", "--src", prefix, "--dst", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert cli.run(lambda: convert_trellis.main(argv[1:])) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert f"{prefix}.safetensors: missing key 'out_blocks.1.emb_layers.1.weight'" in err
+    assert "Traceback" not in err and not os.path.exists(tmp_path / "out" / SLAT_NAME)
 
 
 def test_load_pretrained_output_matches_the_twin(src, dst):
