@@ -293,3 +293,13 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def assert_parity(out, ref, rel):
+    """``out`` matches ``ref`` within ``rel`` x the reference's largest magnitude (which must not be degenerate)."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    err, scale = np.max(np.abs(out - ref)), np.max(np.abs(ref))
+    assert scale > 0.1, f"degenerate reference output (max |y| = {scale})"
+    print(f"parity: max abs err {err:.3g}, scale {scale:.3g}, ratio {err / scale:.3g}")
+    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x output scale {scale:.3g} (ratio {err / scale:.3g})"

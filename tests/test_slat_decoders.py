@@ -10,6 +10,7 @@ adds the released 64³ grid.
 
 import os
 
+import helpers_trellis  # noqa: E402
 import jax
 import numpy as np
 import pytest
@@ -37,12 +38,7 @@ MESH, GS = trellis_slat.SLAT_MESH_DECODER, trellis_slat.SLAT_GS_DECODER
 
 
 def assert_parity(out, ref, rel=REL):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    err, scale = np.max(np.abs(out - ref)), np.max(np.abs(ref))
-    assert scale > 0.1, f"degenerate reference output (max |y| = {scale})"
-    print(f"parity: max abs err {err:.3g}, scale {scale:.3g}, ratio {err / scale:.3g}")
-    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x output scale {scale:.3g}"
+    helpers_trellis.assert_parity(out, ref, rel)
 
 
 def check_decoder(name, args, counts, seed=0, quantum=256):
