@@ -10,9 +10,13 @@ weights, LoRA r 64 / alpha 128 on to_q/to_kv/to_out/to_qkv, AdamW (lr 5e-6, wd 0
   (fp16 blocks, ``ATTN_BACKEND=sdpa``) from ``--trellis_src`` (a checkout of github:microsoft/TRELLIS,
   never committed), wrapped by peft ``get_peft_model``, forward under bf16 autocast, inputs, t and
   noise in bf16, DPO reference a frozen deep copy of the wrapped model.
-* ``jax:<loss>[:remat][:xla][:base_bf16]``: ``dso_jax.train.make_train_step`` (bf16 compute, fp32 master
-  base weights); ``remat`` rematerialises each block, ``xla`` uses XLA attention instead of cuDNN,
-  ``base_bf16`` passes the frozen base already cast to bf16.
+* ``torch:<loss>:compile``: the same step with the model (and DPO's reference) wrapped in ``torch.compile``
+  (inductor, default mode): the strongest PyTorch a DSO user can run.
+* ``jax:<loss>[:remat|:noremat][:policy=P][:xla][:base_bf16]``: ``dso_jax.train.make_train_step`` with the
+  trainer's default configuration (``configs/<loss>.py``: bf16 compute, fp32 master base weights, its
+  ``model.remat`` / ``model.remat_policy``); ``remat`` / ``noremat`` force rematerialisation on / off,
+  ``policy=P`` sets what a rematerialised block keeps (``dso_jax.models.remat.POLICIES``), ``xla`` uses XLA
+  attention instead of cuDNN, ``base_bf16`` passes the frozen base already cast to bf16.
 
 Each variant runs in its own process, so peak memory is per variant (JAX: ``peak_bytes_in_use``
 without preallocation; PyTorch: ``max_memory_allocated``). Prints one table; ``--tiny`` runs a
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 from ssflow import COND_LEN as FULL_COND_LEN  # bench/ is on the path when run as a script
 from ssflow import FLOP_PER_SAMPLE, _import_trellis
 from ssflow import FLOW_ARGS as FULL_ARGS
@@ -39,9 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = dict(FULL_ARGS, resolution=8, model_channels=64, cond_channels=32, num_blocks=2, num_heads=2)
 TINY_COND_LEN = 8
 TARGETS = list(DEFAULT_TARGETS)
-DEFAULT_VARIANTS = (
-    "torch:dro,torch:dpo,jax:dro:remat,jax:dpo:remat,jax:dro,jax:dpo,jax:dro:remat:base_bf16,jax:dro:remat:xla"
-)
+DEFAULT_VARIANTS = "torch:dro,torch:dro:compile,torch:dpo,torch:dpo:compile,jax:dro,jax:dpo,jax:dro:policy=attention"
 
 
 def _median_step(step, sync, reps: int, warmup: int) -> tuple[float, float]:
@@ -76,14 +79,16 @@ def run_jax(loss: str, flags: set, a) -> dict:
     args = TINY_ARGS if a.tiny else FULL_ARGS
     cond_len = TINY_COND_LEN if a.tiny else FULL_COND_LEN
     config.model.args = dict(args)
+    remat = config.model.remat if not flags & {"remat", "noremat"} else "remat" in flags
+    policy = next((f.split("=", 1)[1] for f in flags if f.startswith("policy=")), config.model.remat_policy)
     dtype = jnp.bfloat16
-    module = pretrained.model_from_config(
-        "SparseStructureFlowModel", dict(args, use_checkpoint="remat" in flags), dtype=dtype
-    )
-    module = module.clone(attn_impl="xla" if "xla" in flags else "auto")
+    module = pretrained.model_from_config("SparseStructureFlowModel", dict(args, use_checkpoint=remat), dtype=dtype)
+    module = module.clone(attn_impl="xla" if "xla" in flags else config.model.attn_impl, remat_policy=policy)
     apply_fn = pretrained.make_apply_fn(module)
-    key = jax.random.PRNGKey(0)
-    base = jax.jit(lambda k: module.init(k, *pretrained.example_inputs(module, cond_len=1))["params"])(key)
+    # N(0, 0.02) drawn on the host from the shapes alone (the released model's jitted Flax init is slow)
+    rng = np.random.default_rng(0)
+    shapes = pretrained.abstract_params(module)
+    base = jax.tree.map(lambda x: jnp.asarray(0.02 * rng.standard_normal(x.shape, np.float32)), shapes)
     if "base_bf16" in flags:
         base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
     overlay = lora.init_overlay(jax.random.PRNGKey(1), base, rank=64, alpha=128.0, targets=TARGETS)
@@ -105,6 +110,8 @@ def run_jax(loss: str, flags: set, a) -> dict:
     first, sec = _median_step(step, lambda: holder["metrics"]["loss"].block_until_ready(), a.reps, a.warmup)
     stats = jax.local_devices()[0].memory_stats() or {}
     return dict(
+        remat=bool(remat),
+        remat_policy=policy if remat else "",
         seconds=sec,
         first_s=first,
         peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30,
@@ -139,6 +146,9 @@ def run_torch(loss: str, flags: set, a) -> dict:
     if loss == "dpo":
         ref = copy.deepcopy(model)
         ref.requires_grad_(False)
+    if "compile" in flags:
+        model = torch.compile(model)
+        ref = torch.compile(ref) if ref is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=5e-6, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
     trainable = [p for p in model.parameters() if p.requires_grad]
     A, B, r = a.grad_accum, a.batch, args["resolution"]
@@ -248,6 +258,9 @@ def main():
         except subprocess.TimeoutExpired:
             results[variant] = {"error": f"timed out after {a.timeout} s"}
         print(f"{variant}: {results[variant]}", file=sys.stderr, flush=True)
+        if a.out:  # one JSON line per variant as it is measured: a killed run keeps what it printed
+            with open(a.out + "l", "a") as f:
+                f.write(json.dumps(dict(variant=variant, **results[variant])) + "\n")
 
     if a.out:
         with open(a.out, "w") as f:

@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Rematerialise each block in the backward pass (TRELLIS's use_checkpoint). On: 12 latents x 4096
     # tokens x 24 blocks of saved activations would not fit the 0.5x-of-DSO memory budget (bench/RESULTS.md).
     c.model.remat = True
+    # What a rematerialised block keeps for the backward pass (dso_jax.models.remat.POLICIES): 'nothing' recomputes
+    # the whole block (TRELLIS's use_checkpoint); 'attention' keeps the attention kernels' outputs.
+    c.model.remat_policy = "nothing"
     c.model.attn_impl = "auto"  # 'auto' | 'xla' | 'cudnn'
 
     c.lora = ml_collections.ConfigDict()

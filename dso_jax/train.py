@@ -22,7 +22,6 @@ import ml_collections
 import optax
 
 from dso_jax import losses, optim, train_loop
-from dso_jax.data import dso_pairs, synthetic, tfds_dso
 from dso_jax.train_state import TrainState, latent_shape
 
 
@@ -69,11 +68,16 @@ def validate(config) -> None:
     if config.data.kind == "tfds":
         if not config.data.path:
             raise ValueError("data.path is empty; set --config.data.path=<dataset dir> or data.kind='synthetic'")
+        from dso_jax.data import tfds_dso  # lazily: the train step itself needs no TFDS
+
         tfds_dso.find_dataset_dir(config.data.path)  # FileNotFoundError naming the path
 
 
-def make_pair_source(config, workdir: str, global_batch: int) -> dso_pairs.PairSource:
-    """(cond, winner, loser) batches of DSO's pair rules; ``data.kind='synthetic'`` writes its data first."""
+def make_pair_source(config, workdir: str, global_batch: int):
+    """(cond, winner, loser) batches of DSO's pair rules (a ``dso_pairs.PairSource``); ``data.kind='synthetic'``
+    writes its data first."""
+    from dso_jax.data import dso_pairs, synthetic, tfds_dso  # lazily: the train step itself needs no TFDS
+
     args = config.model.args
     path = config.data.path
     if config.data.kind == "synthetic":

@@ -55,7 +55,9 @@ def frozen_base(config, mesh, dtype, root_key):
     from ``fold_in(root_key, 0)``.
     """
     args = dict(config.model.args.to_dict(), use_checkpoint=config.model.remat)
-    module = pretrained.model_from_config(config.model.name, args, dtype=dtype).clone(attn_impl=config.model.attn_impl)
+    module = pretrained.model_from_config(config.model.name, args, dtype=dtype).clone(
+        attn_impl=config.model.attn_impl, remat_policy=config.model.remat_policy
+    )
     abstract_base = pretrained.abstract_params(module)
     base_shardings = sharding.param_shardings(abstract_base, mesh)
     if config.model.path:

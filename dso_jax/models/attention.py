@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dso_jax.models.layers import MultiHeadRMSNorm
+from dso_jax.models.remat import name_attention_output
 
 Dtype = Any
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -146,5 +147,5 @@ class MultiHeadAttention(nn.Module):
             q = MultiHeadRMSNorm(head_dim, heads, name="q_rms_norm")(q)
             k = MultiHeadRMSNorm(head_dim, heads, name="k_rms_norm")(k)
         h = dot_product_attention(q, k, v, self.attn_impl, lengths if self.type == "self" else None)
-        h = h.reshape(b, l, c)  # (B, L, C)
+        h = name_attention_output(h).reshape(b, l, c)  # (B, L, C)
         return nn.Dense(self.channels, dtype=self.dtype, name="to_out")(h)

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dso_jax.models import remat
 from dso_jax.models.layers import LayerNorm32, TimestepEmbedder, layer_norm_no_affine, voxel_position_embedding
 from dso_jax.models.ss_flow import ModulatedTransformerCrossBlock
 from dso_jax.sparse import SparseConv3d, downsample, upsample
@@ -99,6 +100,7 @@ class SLatFlowModel(nn.Module):
     pe_mode: str = "ape"
     use_fp16: bool = False  # the original's flag, kept for config round trips; compute dtype is `dtype`
     use_checkpoint: bool = False  # rematerialise each transformer block in the backward pass
+    remat_policy: str = "nothing"  # what a rematerialised block keeps: dso_jax.models.remat.POLICIES
     use_skip_connection: bool = True
     share_mod: bool = False
     qk_rms_norm: bool = False
@@ -172,7 +174,7 @@ class SLatFlowModel(nn.Module):
         level = x.levels[lvl]  # the transformer's level (32³ in the released model)
         if self.pe_mode == "ape":
             h = h + voxel_position_embedding(level.coords, c, level.resolution).astype(self.dtype)
-        block_cls = nn.remat(ModulatedTransformerCrossBlock) if self.use_checkpoint else ModulatedTransformerCrossBlock
+        block_cls = remat.block_class(ModulatedTransformerCrossBlock, self.use_checkpoint, self.remat_policy)
         for i in range(self.num_blocks):
             h = block_cls(
                 c,

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from dso_jax.models import remat
 from dso_jax.models.attention import MultiHeadAttention, rope_phases
 from dso_jax.models.layers import (
     FeedForwardNet,
@@ -100,6 +101,7 @@ class SparseStructureFlowModel(nn.Module):
     pe_mode: str = "ape"
     use_fp16: bool = False  # the original's flag, kept for config round trips; compute dtype is `dtype`
     use_checkpoint: bool = False  # rematerialise each block in the backward pass
+    remat_policy: str = "nothing"  # what a rematerialised block keeps: dso_jax.models.remat.POLICIES
     share_mod: bool = False
     qk_rms_norm: bool = False
     qk_rms_norm_cross: bool = False
@@ -147,7 +149,7 @@ class SparseStructureFlowModel(nn.Module):
         t_emb, h = t_emb.astype(self.dtype), h.astype(self.dtype)
         cond = None if cond is None else cond.astype(self.dtype)
 
-        block_cls = nn.remat(ModulatedTransformerCrossBlock) if self.use_checkpoint else ModulatedTransformerCrossBlock
+        block_cls = remat.block_class(ModulatedTransformerCrossBlock, self.use_checkpoint, self.remat_policy)
         for i in range(self.num_blocks):
             h = block_cls(
                 self.model_channels,

@@ -1,0 +1,50 @@
+"""Remat policies: every policy gives the gradients of no remat; 'attention' keeps the attention outputs."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src.ad_checkpoint import saved_residuals
+
+from dso_jax.models import SparseStructureFlowModel
+from dso_jax.models.remat import ATTENTION_NAME, block_class
+from tests.helpers_trellis import TINY_FLOW_ARGS
+
+
+def _model_and_inputs(**kw):
+    model = SparseStructureFlowModel(**dict(TINY_FLOW_ARGS, **kw))
+    r, c = model.resolution, model.in_channels
+    ks = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(ks[0], (2, c, r, r, r))
+    cond = jax.random.normal(ks[1], (2, 5, model.cond_channels))
+    t = jnp.array([300.0, 800.0])
+    params = jax.jit(model.init)(ks[2], x, t, cond)["params"]
+    return model, params, (x, t, cond)
+
+
+def _loss(model, inputs):
+    return lambda p: jnp.mean(model.apply({"params": p}, *inputs) ** 2)
+
+
+def test_keeping_values_gives_the_gradients_of_no_remat():
+    model, params, inputs = _model_and_inputs(num_blocks=1)
+    ref = jax.jit(jax.grad(_loss(model, inputs)))(params)
+    # 'dots_attention' exercises both saveable rules; 'nothing' is TRELLIS's use_checkpoint (test_models_parity)
+    got = jax.jit(jax.grad(_loss(model.clone(use_checkpoint=True, remat_policy="dots_attention"), inputs)))(params)
+    err = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), got, ref)))
+    assert err < 1e-6, err
+
+
+def test_attention_policy_keeps_the_attention_outputs_and_nothing_keeps_none():
+    model, params, inputs = _model_and_inputs(num_blocks=1)
+
+    def named(policy):
+        f = _loss(model.clone(use_checkpoint=True, remat_policy=policy), inputs)
+        return [d for _, d in saved_residuals(f, params) if ATTENTION_NAME in d]
+
+    assert len(named("attention")) == 2  # the block's self- and cross-attention outputs
+    assert named("nothing") == []
+
+
+def test_unknown_policy_is_refused_even_without_remat():
+    with pytest.raises(ValueError, match="remat_policy must be one of"):
+        block_class(SparseStructureFlowModel, False, "everything")
