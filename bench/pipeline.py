@@ -80,6 +80,24 @@ def timed(fn, reps: int):
     return first, statistics.median(times) if times else first, out
 
 
+def device_stage(stage: str, fn, reps: int, objects: int, extra=None, **fields):
+    """Time a device stage with ``timed`` and emit its row (seconds per object, compile = first call - median,
+    peak memory, ``fields`` and ``extra(result)``); returns the result."""
+    first, s, out = timed(fn, reps)
+    more = extra(out) if extra else {}
+    emit(
+        row="stages",
+        stage=stage,
+        objects=objects,
+        s_per_object=s / objects,
+        compile_s=first - s,
+        **fields,
+        **more,
+        peak_gib=peak_gib(),
+    )
+    return out
+
+
 def block(tree):
     return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
 
@@ -114,16 +132,13 @@ def bench_stages(args, models, stage2_models, voxels: int):
     images = jnp.asarray(rng.integers(0, 255, (b, 518, 518, 3), np.uint8))
     dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
     enc = jax.jit(lambda p, x: dinov2.encode_condition(p, x, m.dinov2_cfg, dtype))
-    first, s, cond = timed(lambda: block(enc(m.dinov2_params, images)), reps)
-    emit(row="stages", stage="dinov2", objects=b, s_per_object=s / b, compile_s=first - s, peak_gib=peak_gib())
+    cond = device_stage("dinov2", lambda: block(enc(m.dinov2_params, images)), reps, b)
     noise = jnp.asarray(rng.standard_normal((b,) + m.latent_shape, np.float32))
     gen = Generator(m, sampling.DSO_STAGE1, images_per_batch=b)
     sample = jax.jit(lambda p, n, c: sampling.sample_from_config(m.flow, p, n, c, sampling.DSO_STAGE1))
-    first, s, z = timed(lambda: block(sample(gen._fp, noise, cond)), reps)
-    emit(row="stages", stage="stage1_sample", objects=b, s_per_object=s / b, compile_s=first - s, peak_gib=peak_gib())
+    z = device_stage("stage1_sample", lambda: block(sample(gen._fp, noise, cond)), reps, b)
     dec = jax.jit(lambda p, z: m.decoder(p, z))
-    first, s, _ = timed(lambda: block(dec(gen._dp, z)), reps)
-    emit(row="stages", stage="ss_decode", objects=b, s_per_object=s / b, compile_s=first - s, peak_gib=peak_gib())
+    device_stage("ss_decode", lambda: block(dec(gen._dp, z)), reps, b)
 
     s2 = Stage2(stage2_models, sampling.DSO_STAGE2, objects_per_batch=b, quantum=args.quantum)
     shells = [
@@ -133,38 +148,17 @@ def bench_stages(args, models, stage2_models, voxels: int):
     first, s, (fb, db) = timed(lambda: s2.structures(shells), reps)
     emit(row="stages", stage="structures", voxels=voxels, objects=b, s_per_object=s / b, peak_gib=peak_gib())
     c = np.repeat(np.asarray(cond[:1], np.float32), b, 0)
-    first, s, slat = timed(lambda: block(s2.sample(fb, c, list(range(b)))), reps)
-    emit(
-        row="stages",
-        stage="stage2_sample",
+    slat = device_stage("stage2_sample", lambda: block(s2.sample(fb, c, list(range(b)))), reps, b, voxels=voxels)
+    raw = device_stage(
+        "mesh_decode",
+        lambda: s2.decode_mesh(db, slat),
+        reps,
+        b,
+        lambda r: dict(rows_256=int(r.mask.sum())),
         voxels=voxels,
-        objects=b,
-        s_per_object=s / b,
-        compile_s=first - s,
-        peak_gib=peak_gib(),
-    )
-    first, s, raw = timed(lambda: s2.decode_mesh(db, slat), reps)
-    emit(
-        row="stages",
-        stage="mesh_decode",
-        voxels=voxels,
-        objects=b,
-        s_per_object=s / b,
-        compile_s=first - s,
-        rows_256=int(raw.mask.sum()),
-        peak_gib=peak_gib(),
     )
     if s2.gaussians:
-        first, s, gs_raw = timed(lambda: s2.decode_gaussians(db, slat), reps)
-        emit(
-            row="stages",
-            stage="gs_decode",
-            voxels=voxels,
-            objects=b,
-            s_per_object=s / b,
-            compile_s=first - s,
-            peak_gib=peak_gib(),
-        )
+        gs_raw = device_stage("gs_decode", lambda: s2.decode_gaussians(db, slat), reps, b, voxels=voxels)
     raw1 = raw.replace(feats=raw.feats[:1], levels=jax.tree.map(lambda a: a[:1], raw.levels))
     raw1 = sphere_sdf(raw1) if args.sdf == "sphere" else raw1
     _, s, meshes = timed(lambda: mesh_extract.flexicubes(raw1), reps)
@@ -191,16 +185,8 @@ def bench_stages(args, models, stage2_models, voxels: int):
 
     physics = rollout.SIM_PRESETS["mesh"]()
     simulate = jax.jit(rollout.make_simulator(physics))
-    first, s, v = timed(lambda: mesh_verdicts([final] * b, physics, simulate), reps)
-    emit(
-        row="stages",
-        stage="mjx_verdict",
-        objects=b,
-        s_per_object=s / b,
-        compile_s=first - s,
-        angle=float(v["angle"][0]),
-        peak_gib=peak_gib(),
-    )
+    verdict = lambda v: dict(angle=float(v["angle"][0]))
+    device_stage("mjx_verdict", lambda: mesh_verdicts([final] * b, physics, simulate), reps, b, verdict)
     if args.twin:
         bench_twin(args, stage2_models, shells, slat, voxels, reps)
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -43,6 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # the PyTorch twin and the random-checkpoint helper
 
 from helpers_trellis import RELEASED_SLAT_ARGS, TINY_SLAT_ARGS, random_state_dict  # noqa: E402
+from ssflow import _median_time as median_time  # noqa: E402  (bench/ is on the path when run as a script)
 
 from dso_jax.convert import trellis, trellis_slat  # noqa: E402
 from dso_jax.sampling import DSO_STAGE2, SLAT_NORMALIZATION, SamplerSettings  # noqa: E402
@@ -67,17 +67,6 @@ def out_of_time(**row) -> bool:
 
 def sample_row(sampler) -> str:
     return f"sample{sampler.steps}_cfg{sampler.cfg_strength:g}"
-
-
-def median_time(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def scene(voxels: int, batch: int, args: dict, seed: int):
@@ -133,7 +122,7 @@ def bench_jax(sd, args, voxels, batches, rows, reps, quanta, sampler):
                 t0 = time.perf_counter()
                 fwd(params, x, t, cond).block_until_ready()
                 compile_s = time.perf_counter() - t0
-                s = median_time(lambda: fwd(params, x, t, cond).block_until_ready(), reps)
+                s = median_time(lambda: fwd(params, x, t, cond).block_until_ready(), reps, 1)
                 emit(row="forward", seconds=s, per_object=s / b, compile_s=compile_s, peak_gib=peak(), **common)
             if "sample" in rows:
                 t0 = time.perf_counter()
@@ -182,7 +171,7 @@ def bench_torch(sd, args, voxels, batches, rows, reps, modes, sampler):
                             model(x, t, cond)
                             sync()
                             first_s = time.perf_counter() - t0
-                            s = median_time(lambda: (model(x, t, cond), sync()), reps)
+                            s = median_time(lambda: (model(x, t, cond), sync()), reps, 1)
                             mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
                             emit(row="forward", seconds=s, per_object=s / b, compile_s=first_s, peak_gib=mem, **common)
                         if "sample" in rows:
