@@ -3,10 +3,9 @@
 TRELLIS's ``use_checkpoint`` recomputes the whole block in the backward pass (policy ``'nothing'``: the least
 memory). The others keep some forward results instead of recomputing them:
 
-* ``'attention'``: the attention kernels' outputs, so the backward pass skips re-running attention forward
-  (cuDNN flash attention's output and softmax statistics on GPU; XLA attention's output, which saves little
-  since its backward needs the probabilities). About 4.8 GB for DSO's 12 latents x 4096 tokens x 24 blocks x
-  (self + cross) in bf16.
+* ``'attention'``: the attention outputs (tagged ``attention_out``) and cuDNN's forward primitive, meant to spare
+  the backward pass the attention forward. Measured on an H200 for DSO's step (bench/RESULTS.md): +4.5 GiB (12
+  latents x 4096 tokens x 1024 x bf16 x 48 attention calls) and no time saved, so it is not the default.
 * ``'dots'``: every matmul without batch dimensions (the projections and the MLP), recomputing norms,
   modulation and attention.
 * ``'dots_attention'``: both.
