@@ -51,7 +51,17 @@ def test_summary_holds_the_protocols_figures_of_the_pretrained_model(job):
     assert summary == returned
     apply_fn, base = load_pretrained(config.model.path)
     stability = make_stability_fn(config.physics)
-    cands = jax.jit(make_candidates_fn(apply_fn, codec.decoder_fn, stability, config.sampler, codec.LATENT_SHAPE, 2))
+    cands = jax.jit(
+        make_candidates_fn(
+            apply_fn,
+            codec.decoder_fn,
+            stability,
+            config.sampler,
+            codec.LATENT_SHAPE,
+            2,
+            sim_upsample=codec.SIM_UPSAMPLE,
+        )
+    )
     held = heldout.heldout_set(config.eval.seed, config.eval.num_conditions)
     res = heldout.evaluate(cands, policy_params(base, None, jnp.float32), {}, held, seed=config.eval.seed, batch=2)
     for k in ("stable_rate", "mean_angle", "iou"):
