@@ -1,7 +1,8 @@
-"""Convert TRELLIS stage-1 checkpoints to Flax: ``python convert_trellis.py --src SRC --dst DST [--verify]``.
+"""Convert TRELLIS checkpoints to Flax: ``python convert_trellis.py --src SRC --dst DST [--verify]``.
 
 SRC is a TRELLIS model folder as released (``pipeline.json`` + ``ckpts/NAME.{json,safetensors}``; its
-stage-1 models are converted) or one checkpoint prefix ``.../ckpts/NAME``. Each model goes to
+stage-1 models are converted, and the stage-2 SLat flow when its files are there) or one checkpoint
+prefix ``.../ckpts/NAME`` (any of those models). Each model goes to
 ``DST/NAME/`` as ``params.safetensors`` (float32, '/'-joined Flax keys), ``config.json`` (the TRELLIS
 json) and ``manifest.json`` (source sha256; every source tensor's name, shape, dtype and Flax key).
 Conversion is strict: it refuses, naming every missing, unexpected, mis-shaped, float64 or non-finite

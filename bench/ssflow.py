@@ -1,12 +1,21 @@
-"""Stage-1 speed on one GPU: Flax SS-flow forward and 12-step CFG sampling + decode, side by side with
-TRELLIS's own PyTorch models (fp16, sdpa attention) in the same run.
+"""Stage-1 speed on one GPU: SS-flow forward and 12-step CFG sampling + decode, dso_jax side by side with
+TRELLIS's own PyTorch models, eager and under ``torch.compile``, in one run.
 
-    python bench/ssflow.py --trellis_src .ext/trellis [--batches 1,8,16] [--out results.json]
+    python bench/ssflow.py --trellis_src .ext/trellis --rows torch:eager,torch:compile,jax:default,jax:no_triton_gemm
 
-``--trellis_src`` is a checkout of github:microsoft/TRELLIS (only ``trellis/models`` and
-``trellis/modules`` are needed), brought along at run time and never committed. Both sides use random
-weights of the released architectures (``ss_flow_img_dit_L_16l8_fp16``, ``ss_dec_conv3d_16l8_fp16``),
-all parameters randomised (no zero-initialised layers). Prints one table at the end.
+Every row runs in its own subprocess (XLA flags are read once per process; PyTorch and JAX do not share the
+GPU's memory), prints one JSON line per measurement as it goes (a killed run keeps what it printed), and the
+parent prints the table at the end. Rows:
+
+* ``torch:eager`` / ``torch:compile``: TRELLIS's ``SparseStructureFlowModel``/``SparseStructureDecoder`` (fp16
+  blocks as released, ``ATTN_BACKEND=sdpa``), random weights, from a checkout given by ``--trellis_src`` (never
+  committed); ``compile`` wraps both models in ``torch.compile`` (inductor, default mode). The sampler is
+  TRELLIS's guidance-interval loop: two forwards per guided step.
+* ``jax:VARIANT``: dso_jax (bf16 compute, float32 masters, cuDNN attention) with the variant's XLA flags and
+  options (``VARIANTS`` below). ``library`` is what a user gets: ``dso_jax.xla_flags.DEFAULTS`` and the
+  sampler's exact zero-condition shortcut; ``default`` is XLA's own flags (``DSO_JAX_NO_XLA_DEFAULTS=1``).
+
+Weights: random, every parameter N(0, 0.02) in torch; Flax's init in JAX (same shapes, released architecture).
 """
 
 from __future__ import annotations
@@ -15,18 +24,35 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import types
 
 import numpy as np
 
+from dso_jax import xla_flags
 from dso_jax.convert.trellis import RELEASED_DECODER_ARGS as DEC_ARGS
 from dso_jax.convert.trellis import RELEASED_FLOW_ARGS as FLOW_ARGS
+from dso_jax.sampling import DSO_STAGE1
 
-SAMPLER = dict(steps=12, rescale_t=3.0, cfg_strength=7.5, cfg_interval=(0.5, 1.0))
+SAMPLER = DSO_STAGE1.to_dict()
 COND_LEN = 1374
 FLOP_PER_SAMPLE = 5.23e12  # one SS-flow forward (issue 2)
+
+# name -> (extra XLA_FLAGS, JAX options). Flags are appended to whatever XLA_FLAGS the environment holds.
+VARIANTS = {
+    "library": ("", {}),
+    "default": ("", {"library_flags": False}),
+    "no_triton_gemm": ("--xla_gpu_enable_triton_gemm=false", {"library_flags": False}),
+    "autotune4": ("--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=4", {"library_flags": False}),
+    "lhs": (
+        "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_latency_hiding_scheduler=true",
+        {"library_flags": False},
+    ),
+    "no_cmd_buffer": ("--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_command_buffer=", {"library_flags": False}),
+    "null_cond_off": ("", {"null_cond": False}),  # library flags, CFG as one 2B-row call with zeros
+}
 
 
 def _median_time(fn, reps: int, warmup: int = 2) -> float:
@@ -40,53 +66,74 @@ def _median_time(fn, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def _emit(row: str, measure: str, **values) -> None:
+    print("ROW " + json.dumps(dict(row=row, measure=measure, **values)), flush=True)
+
+
 # ----------------------------------------------------------------------------------------- JAX
-def bench_jax(batches, reps, attn_impl):
+# --tiny: a CPU-sized architecture with the released shapes' structure, to check the script runs (seconds).
+TINY = (
+    dict(FLOW_ARGS, model_channels=64, cond_channels=32, num_blocks=2, num_heads=2),
+    dict(DEC_ARGS, channels=(16, 8, 8), num_res_blocks=1, num_res_blocks_middle=1),
+    8,
+)
+
+
+def _sizes(tiny: bool):
+    return TINY if tiny else (FLOW_ARGS, DEC_ARGS, COND_LEN)
+
+
+def run_jax(variant: str, batches, reps: int, sample_batch: int, tiny: bool = False) -> None:
+    _, opts = VARIANTS[variant]  # the parent set this process's XLA_FLAGS (and the library-defaults switch)
     import jax
     import jax.numpy as jnp
 
     from dso_jax.models import SparseStructureDecoder, SparseStructureFlowModel
     from dso_jax.sampling import sample
 
-    flow = SparseStructureFlowModel(**FLOW_ARGS, dtype=jnp.bfloat16, attn_impl=attn_impl)
-    dec = SparseStructureDecoder(**DEC_ARGS, dtype=jnp.bfloat16)
+    row = f"jax:{variant}"
+    _emit(row, "env", xla_flags=os.environ.get("XLA_FLAGS", ""), device=jax.devices()[0].device_kind)
+    flow_args, dec_args, cond_len = _sizes(tiny)
+    cc = flow_args["cond_channels"]
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    flow = SparseStructureFlowModel(**flow_args, dtype=dtype)
+    dec = SparseStructureDecoder(**dec_args, dtype=dtype)
     key = jax.random.PRNGKey(0)
     x1 = jnp.zeros((1, 8, 16, 16, 16), jnp.float32)
-    fparams = jax.jit(flow.init)(key, x1, jnp.zeros((1,)), jnp.zeros((1, COND_LEN, 1024)))["params"]
+    fparams = jax.jit(flow.init)(key, x1, jnp.zeros((1,)), jnp.zeros((1, cond_len, cc)))["params"]
     dparams = jax.jit(dec.init)(key, x1)["params"]
     apply_flow = lambda p, x, t, c: flow.apply({"params": p}, x, t, c)
     fwd = jax.jit(apply_flow)
-    rows = {}
     for b in batches:
         k1, k2 = jax.random.split(jax.random.PRNGKey(b))
         x = jax.random.normal(k1, (b, 8, 16, 16, 16))
-        c = jax.random.normal(k2, (b, COND_LEN, 1024))
+        c = jax.random.normal(k2, (b, cond_len, cc))
         t = jnp.full((b,), 500.0)
         t0 = time.perf_counter()
         fwd(fparams, x, t, c).block_until_ready()
         compile_s = time.perf_counter() - t0
         s = _median_time(lambda: fwd(fparams, x, t, c).block_until_ready(), reps)
-        rows[f"forward_B{b}"] = dict(seconds=s, compile_s=compile_s, tflops=FLOP_PER_SAMPLE * b / s / 1e12)
+        _emit(row, f"forward_B{b}", seconds=s, compile_s=compile_s, tflops=FLOP_PER_SAMPLE * b / s / 1e12)
 
-    b = 8
+    b = sample_batch
+    kw = dict(SAMPLER)
+    if "null_cond" in opts:
+        kw["null_cond"] = opts["null_cond"]
 
     @jax.jit
     def sample_decode(fp, dp, noise, cond):
-        z = sample(apply_flow, fp, noise, cond, **SAMPLER)
+        z = sample(apply_flow, fp, noise, cond, **kw)
         return dec.apply({"params": dp}, z)
 
     noise = jax.random.normal(jax.random.PRNGKey(1), (b, 8, 16, 16, 16))
-    cond = jax.random.normal(jax.random.PRNGKey(2), (b, COND_LEN, 1024))
+    cond = jax.random.normal(jax.random.PRNGKey(2), (b, cond_len, cc))
     t0 = time.perf_counter()
     sample_decode(fparams, dparams, noise, cond).block_until_ready()
     compile_s = time.perf_counter() - t0
     s = _median_time(lambda: sample_decode(fparams, dparams, noise, cond).block_until_ready(), max(3, reps // 3), 1)
-    rows["sample12_cfg_decode_B8"] = dict(seconds=s, per_object=s / b, compile_s=compile_s)
-    jdec = jax.jit(lambda dp, z: dec.apply({"params": dp}, z))
-    jdec(dparams, noise).block_until_ready()
-    s = _median_time(lambda: jdec(dparams, noise).block_until_ready(), reps)
-    rows["decode_B8"] = dict(seconds=s, per_object=s / b)
-    return rows
+    _emit(row, f"sample12_cfg_decode_B{b}", seconds=s, per_object=s / b, compile_s=compile_s)
+    mem = jax.devices()[0].memory_stats() or {}
+    _emit(row, "peak_memory", gib=mem.get("peak_bytes_in_use", 0) / 2**30)
 
 
 # ------------------------------------------------------------------------------------- PyTorch
@@ -102,34 +149,49 @@ def _import_trellis(src):
     return SparseStructureFlowModel, SparseStructureDecoder
 
 
-def bench_torch(batches, reps, src):
+def run_torch(mode: str, batches, reps: int, sample_batch: int, src: str, tiny: bool = False) -> None:
     import torch
 
     Flow, Dec = _import_trellis(src)
     torch.manual_seed(0)
-    dev = "cuda"
-    flow = Flow(**FLOW_ARGS).to(dev).eval()
-    dec = Dec(**DEC_ARGS).to(dev).eval()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    flow_args, dec_args, cond_len = _sizes(tiny)
+    cc = flow_args["cond_channels"]
+    flow = Flow(**flow_args).to(dev).eval()
+    dec = Dec(**dec_args).to(dev).eval()
+    if dev == "cpu":
+        flow.convert_to_fp32()
+        flow.dtype = torch.float32  # trellis.md §2.7: convert_to_fp32 does not reset it
+        dec.convert_to_fp32()
     with torch.no_grad():
         for m in (flow, dec):
             for p in m.parameters():
                 p.normal_(0, 0.02)
+    row = f"torch:{mode}"
+    _emit(row, "env", torch=torch.__version__, device=torch.cuda.get_device_name() if dev == "cuda" else "cpu")
+    if mode == "compile":
+        flow, dec = torch.compile(flow), torch.compile(dec)
+
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
     def sync_time(fn, n, warmup=2):
-        return _median_time(lambda: (fn(), torch.cuda.synchronize()), n, warmup)
+        return _median_time(lambda: (fn(), sync()), n, warmup)
 
-    rows = {}
     with torch.no_grad():
         for b in batches:
             x = torch.randn(b, 8, 16, 16, 16, device=dev)
-            c = torch.randn(b, COND_LEN, 1024, device=dev)
+            c = torch.randn(b, cond_len, cc, device=dev)
             t = torch.full((b,), 500.0, device=dev)
+            t0 = time.perf_counter()
+            flow(x, t, c)
+            sync()
+            compile_s = time.perf_counter() - t0
             s = sync_time(lambda: flow(x, t, c), reps)
-            rows[f"forward_B{b}"] = dict(seconds=s, tflops=FLOP_PER_SAMPLE * b / s / 1e12)
+            _emit(row, f"forward_B{b}", seconds=s, compile_s=compile_s, tflops=FLOP_PER_SAMPLE * b / s / 1e12)
 
-        b = 8
+        b = sample_batch
         noise = torch.randn(b, 8, 16, 16, 16, device=dev)
-        cond = torch.randn(b, COND_LEN, 1024, device=dev)
+        cond = torch.randn(b, cond_len, cc, device=dev)
         neg = torch.zeros_like(cond)
         ts = np.linspace(1, 0, SAMPLER["steps"] + 1)
         r = SAMPLER["rescale_t"]
@@ -147,46 +209,76 @@ def bench_torch(batches, reps, src):
                 xt = xt - (t - tp) * v
             return dec(xt)
 
+        t0 = time.perf_counter()
+        run()
+        sync()
+        compile_s = time.perf_counter() - t0
         s = sync_time(run, max(3, reps // 3), 1)
-        rows["sample12_cfg_decode_B8"] = dict(seconds=s, per_object=s / b)
-        s = sync_time(lambda: dec(noise), reps)
-        rows["decode_B8"] = dict(seconds=s, per_object=s / b)
-    flow = dec = None  # free the GPU memory before the JAX rows
-    torch.cuda.empty_cache()
-    return rows
+        _emit(row, f"sample12_cfg_decode_B{b}", seconds=s, per_object=s / b, compile_s=compile_s)
+    _emit(row, "peak_memory", gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0)
+
+
+# ------------------------------------------------------------------------------------------ driver
+def _user_xla_flags() -> str:
+    """This process's XLA_FLAGS without what importing dso_jax added (each worker decides for itself)."""
+    library = {f"{k}={v}" for k, v in xla_flags.DEFAULTS.items()}
+    return " ".join(tok for tok in os.environ.get("XLA_FLAGS", "").split() if tok not in library)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trellis_src", default="", help="TRELLIS checkout for the PyTorch baseline ('' skips it)")
-    ap.add_argument("--batches", default="1,8,16")
+    ap.add_argument("--trellis_src", default="", help="TRELLIS checkout for the torch rows")
+    ap.add_argument("--rows", default="torch:eager,torch:compile,jax:library,jax:default")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--sample_batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--attn_impls", default="cudnn,xla")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per row (its own process)")
     ap.add_argument("--out", default="")
+    ap.add_argument("--tiny", action="store_true", help="a CPU-sized model (checks that the script runs)")
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    results = {}
-    if args.trellis_src:
-        results["pytorch_fp16_sdpa"] = bench_torch(batches, args.reps, args.trellis_src)
-        print("torch done", flush=True)
-    for impl in args.attn_impls.split(","):
+    if args.worker:
+        kind, name = args.worker.split(":", 1)
+        if kind == "torch":
+            run_torch(name, batches, args.reps, args.sample_batch, args.trellis_src, args.tiny)
+        else:
+            run_jax(name, batches, args.reps, args.sample_batch, args.tiny)
+        return
+    results = []
+    for row in args.rows.split(","):
+        env = dict(os.environ, XLA_FLAGS=_user_xla_flags())
+        if row.startswith("jax:"):
+            flags, opts = VARIANTS[row[4:]]
+            if not opts.get("library_flags", True):  # read when the worker imports dso_jax
+                env["DSO_JAX_NO_XLA_DEFAULTS"] = "1"
+            env["XLA_FLAGS"] = (env["XLA_FLAGS"] + " " + flags).strip()
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", row] + sys.argv[1:]
+        t0 = time.perf_counter()
         try:
-            results[f"jax_bf16_{impl}"] = bench_jax(batches, args.reps, impl)
-        except Exception as e:  # keep the table even if one variant fails
-            results[f"jax_bf16_{impl}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        print(f"jax {impl} done", flush=True)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+            out, err, rc = proc.stdout, proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as e:
+            out, err, rc = (
+                (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""),
+                "",
+                "timeout",
+            )
+        for line in out.splitlines():
+            if line.startswith("ROW "):
+                print(line, flush=True)
+                results.append(json.loads(line[4:]))
+        if rc != 0:
+            print(f"ROW-ERROR {row} rc={rc} after {time.perf_counter() - t0:.0f}s: {err[-800:]}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
-    print(f"\n{'variant':24s} {'measure':26s} {'seconds':>10s} {'per obj':>9s} {'TFLOP/s':>8s} {'compile':>8s}")
-    for name, rows in results.items():
-        if "error" in rows:
-            print(f"{name:24s} ERROR {rows['error']}")
-            continue
-        for k, v in rows.items():
+    print(f"\n{'row':22s} {'measure':26s} {'seconds':>9s} {'per obj':>8s} {'TFLOP/s':>8s} {'compile':>8s}")
+    for r in results:
+        if "seconds" in r:
             print(
-                f"{name:24s} {k:26s} {v['seconds']:10.4f} {v.get('per_object', float('nan')):9.4f} "
-                f"{v.get('tflops', float('nan')):8.1f} {v.get('compile_s', float('nan')):8.1f}"
+                f"{r['row']:22s} {r['measure']:26s} {r['seconds']:9.4f} {r.get('per_object', float('nan')):8.4f} "
+                f"{r.get('tflops', float('nan')):8.1f} {r.get('compile_s', float('nan')):8.1f}"
             )
 
 

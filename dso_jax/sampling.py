@@ -6,6 +6,11 @@ computed in float64 on the host; the model sees ``1000 t_i`` (float32); guidance
 t); Euler update ``x <- x - (t_i - t_{i+1}) v``. The guided steps form one contiguous run of the
 schedule, so the sampler is at most three ``lax.scan`` segments; inside a guided segment the
 conditional and unconditional halves go through the model as one batch of 2B.
+
+Stage 2 (:func:`sample_slat`, TRELLIS's ``sample_slat``) runs the same sampler on the features of a
+``SparseBatch`` (the structure is bound into the model call and tiled for the 2B call inside the jit),
+then denormalises with pipeline.json's ``slat_normalization``. TRELLIS's ``sigma_min`` only enters its
+x0 / eps read-outs, never the Euler update, so it has no parameter here.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dso_jax.flow import TIME_SCALE
+from dso_jax.sparse.batch import SparseBatch
 
-ApplyFn = Callable[..., jax.Array]  # apply_fn(params, x (B,C,D,H,W), t (B,), cond (B,S,Cc)) -> v
+ApplyFn = Callable[..., jax.Array]  # apply_fn(params, x (B, ...), t (B,), cond (B,S,Cc)) -> v (B, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +51,30 @@ TRELLIS_PIPELINE = SamplerSettings(steps=25, cfg_strength=5.0)  # pipeline.json,
 DSO_STAGE1 = SamplerSettings(steps=12, cfg_strength=7.5)  # TRELLIS's app/README; DSO's data, eval and example
 DSO_STAGE2 = SamplerSettings(steps=12, cfg_strength=3.0)  # TRELLIS's app/README; DSO's data generation
 TOY = SamplerSettings(steps=10, cfg_strength=3.0)  # the shipped toy model's (its evaluation and the main job)
+
+# pipeline.json ``slat_normalization`` (trellis.md §1.1): the SLat flow works on (slat - mean) / std per channel.
+SLAT_NORMALIZATION = {
+    "mean": (
+        -2.1687545776367188,
+        -0.004347046371549368,
+        -0.13352349400520325,
+        -0.08418072760105133,
+        -0.5271206498146057,
+        0.7238689064979553,
+        -1.1414450407028198,
+        1.2039363384246826,
+    ),
+    "std": (
+        2.377650737762451,
+        2.386378288269043,
+        2.124418020248413,
+        2.1748552322387695,
+        2.663944721221924,
+        2.371192216873169,
+        2.6217446327209473,
+        2.684523105621338,
+    ),
+}
 
 
 def euler_schedule(steps: int, rescale_t: float) -> np.ndarray:
@@ -81,17 +111,19 @@ def sample(
     rescale_t: float,
     cfg_strength: float,
     cfg_interval: Sequence[float] = (0.0, 1.0),
-    sigma_min: float = 1e-5,
+    null_cond: bool = True,
 ) -> jax.Array:
-    """Draw x_0 from ``noise`` (B, C, D, H, W) given ``cond`` (B or 1, S, Cc); returns (B, C, D, H, W).
+    """Draw x_0 from ``noise`` (B, ...) given ``cond`` (B or 1, S, Cc); returns (B, ...) like ``noise``.
 
-    ``neg_cond`` defaults to zeros like ``cond`` (TRELLIS's unconditional input). ``sigma_min`` only
-    enters TRELLIS's x0/eps read-outs, not the Euler update, so it does not change the samples.
+    ``neg_cond`` defaults to zeros like ``cond`` (TRELLIS's unconditional input). With ``null_cond`` (the
+    default) that all-zero input is passed to the model as ``cond=None``, which the TRELLIS ports evaluate
+    exactly without the cross-attention (``attention.MultiHeadAttention``), and a guided step makes two
+    B-row calls instead of one 2B-row call; ``null_cond=False`` feeds the zeros (same result to rounding).
     """
-    del sigma_min
     b = noise.shape[0]
     if cond.shape[0] == 1 and b > 1:
         cond = jnp.broadcast_to(cond, (b,) + cond.shape[1:])
+    shortcut = neg_cond is None and null_cond
     if neg_cond is None:
         neg_cond = jnp.zeros_like(cond)
     elif neg_cond.shape[0] == 1 and b > 1:
@@ -113,8 +145,12 @@ def sample(
 
     def guided_step(x, step):
         t, dt = step
-        v_both = apply_fn(params, jnp.concatenate([x, x], axis=0), jnp.full((2 * b,), t), both_cond)
-        v = (1.0 + w) * v_both[:b] - w * v_both[b:]
+        if shortcut:  # conditional and all-zero halves as two calls: the zero half skips cross-attention
+            tb = jnp.full((b,), t)
+            v = (1.0 + w) * apply_fn(params, x, tb, cond) - w * apply_fn(params, x, tb, None)
+        else:
+            v_both = apply_fn(params, jnp.concatenate([x, x], axis=0), jnp.full((2 * b,), t), both_cond)
+            v = (1.0 + w) * v_both[:b] - w * v_both[b:]
         return x - dt * v.astype(x.dtype), None
 
     x = noise
@@ -137,3 +173,47 @@ def sample_from_config(apply_fn: ApplyFn, params, noise, cond, cfg, neg_cond=Non
         cfg_strength=cfg.cfg_strength,
         cfg_interval=tuple(cfg.cfg_interval),
     )
+
+
+def sample_slat(
+    apply_fn: ApplyFn,
+    params,
+    noise: SparseBatch,
+    cond: jax.Array,
+    neg_cond: Optional[jax.Array] = None,
+    *,
+    steps: int,
+    rescale_t: float,
+    cfg_strength: float,
+    cfg_interval: Sequence[float] = (0.0, 1.0),
+    normalization: Optional[dict] = SLAT_NORMALIZATION,
+    null_cond: bool = True,
+) -> SparseBatch:
+    """TRELLIS's stage-2 sampling: :func:`sample` on the features of ``noise`` (its voxels and structure fixed),
+    then ``slat * std + mean`` (``normalization``; None keeps the normalised latent). Padding rows stay 0.
+
+    ``apply_fn(params, x: SparseBatch, t (B,), cond (B, S, Cc)) -> SparseBatch`` (the SLat flow of
+    ``load_pretrained``). ``noise`` is ``sparse.from_trellis(coords, eps)`` with eps (M, C) standard normal
+    (TRELLIS: ``torch.randn(M, 8)`` on the CPU after ``manual_seed``). Jittable: one compile per bucket.
+    """
+
+    def velocity(p, feats, t, c):  # feats (k B, N, C): the structure is tiled k times inside the jit
+        return apply_fn(p, noise.with_feats(feats), t, c).feats
+
+    x = sample(
+        velocity,
+        params,
+        noise.feats,
+        cond,
+        neg_cond,
+        steps=steps,
+        rescale_t=rescale_t,
+        cfg_strength=cfg_strength,
+        cfg_interval=cfg_interval,
+        null_cond=null_cond,
+    )
+    if normalization is not None:
+        std = jnp.asarray(normalization["std"], jnp.float32)
+        mean = jnp.asarray(normalization["mean"], jnp.float32)
+        x = x * std + mean
+    return noise.replace(feats=jnp.where(noise.mask[..., None], x, 0.0))

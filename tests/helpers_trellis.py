@@ -1,10 +1,12 @@
 """Random-weight TRELLIS-format checkpoints at the released dtypes (numpy only; no torch needed).
 
 As a script, writes a TRELLIS model folder like the released one (``pipeline.json`` +
-``ckpts/ss_flow_img_dit_L_16l8_fp16.{json,safetensors}`` + ``ckpts/ss_dec_conv3d_16l8_fp16.{json,safetensors}``)::
+``ckpts/ss_flow_img_dit_L_16l8_fp16.{json,safetensors}`` + ``ckpts/ss_dec_conv3d_16l8_fp16.{json,safetensors}``,
+and with ``--slat`` ``ckpts/slat_flow_img_dit_L_64l8p2_fp16.{json,safetensors}``)::
 
     python tests/helpers_trellis.py --out DIR              # tiny args (tests)
     python tests/helpers_trellis.py --out DIR --released   # the exact released architectures (~1.3 GB)
+    python tests/helpers_trellis.py --out DIR --released --slat   # + the released SLat flow (~1.2 GB more)
 
 Names, shapes and dtypes come from the key tables in ``dso_jax.convert.trellis`` (fp16 block
 Linears / torso Convs, fp32 elsewhere); the ``pos_emb`` buffer is computed here from the reference
@@ -21,7 +23,7 @@ import sys
 
 import numpy as np
 
-from dso_jax.convert import trellis
+from dso_jax.convert import trellis, trellis_slat
 from dso_jax.convert.rules import BUFFER
 
 FLOW_NAME, DECODER_NAME = "ss_flow_img_dit_L_16l8_fp16", "ss_dec_conv3d_16l8_fp16"
@@ -45,8 +47,27 @@ TINY_FLOW_ARGS = dict(
 TINY_DECODER_ARGS = dict(
     RELEASED_DECODER_ARGS, latent_channels=4, num_res_blocks=1, num_res_blocks_middle=1, channels=[32, 16, 8]
 )
+SLAT_NAME = trellis_slat.SLAT_FLOW_NAME
+RELEASED_SLAT_ARGS = trellis_slat.RELEASED_SLAT_FLOW_ARGS
+# The released SLat architecture at toy width (16³ grid, one io stage of 16 channels, 64-wide transformer).
+TINY_SLAT_ARGS = dict(
+    resolution=16,
+    in_channels=8,
+    out_channels=8,
+    model_channels=64,
+    cond_channels=32,
+    num_blocks=2,
+    num_heads=4,
+    mlp_ratio=4,
+    patch_size=2,
+    num_io_res_blocks=2,
+    io_block_channels=[16],
+    pe_mode="ape",
+    qk_rms_norm=True,
+    use_fp16=True,
+)
 
-# trellis.md §1.1 (pipeline.json); the stage-2 entries are listed but not written here.
+# trellis.md §1.1 (pipeline.json); the stage-2 decoders are listed but not written here.
 PIPELINE = {
     "name": "TrellisImageTo3DPipeline",
     "args": {
@@ -67,6 +88,28 @@ PIPELINE = {
             "name": "FlowEulerGuidanceIntervalSampler",
             "args": {"sigma_min": 1e-5},
             "params": {"steps": 25, "cfg_strength": 5.0, "cfg_interval": [0.5, 1.0], "rescale_t": 3.0},
+        },
+        "slat_normalization": {
+            "mean": [
+                -2.1687545776367188,
+                -0.004347046371549368,
+                -0.13352349400520325,
+                -0.08418072760105133,
+                -0.5271206498146057,
+                0.7238689064979553,
+                -1.1414450407028198,
+                1.2039363384246826,
+            ],
+            "std": [
+                2.377650737762451,
+                2.386378288269043,
+                2.124418020248413,
+                2.1748552322387695,
+                2.663944721221924,
+                2.371192216873169,
+                2.6217446327209473,
+                2.684523105621338,
+            ],
         },
         "image_cond_model": "dinov2_vitl14_reg",
     },
@@ -92,7 +135,7 @@ def random_state_dict(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
         if e.kind == BUFFER:  # pos_emb
             a = trellis.full_args(config["name"], config["args"])
             w = reference_pos_emb(a["resolution"] // a["patch_size"], a["model_channels"])
-        elif leaf == "weight" and e.kind in ("linear", "conv3d"):
+        elif leaf == "weight" and e.kind in ("linear", "conv3d", "spconv"):
             w = rng.standard_normal(e.shape, np.float32) / np.float32(np.sqrt(np.prod(e.shape[1:])))  # 1/sqrt(fan_in)
         elif leaf == "bias":
             w = 0.1 * rng.standard_normal(e.shape, np.float32)
@@ -119,6 +162,22 @@ def flow_pair(args: dict, seed: int = 0):
     return make_apply_fn(module), params, twin
 
 
+def slat_pair(args: dict, seed: int = 0):
+    """(Flax apply_fn, converted params, float32 PyTorch twin) of the SLat flow on random released-dtype weights."""
+    import torch
+    from twins import slat_twin as st
+
+    from dso_jax.models.pretrained import make_apply_fn, model_from_config
+
+    config = {"name": trellis_slat.SLAT_FLOW, "args": dict(args)}
+    sd = random_state_dict(config, seed)
+    module = model_from_config(config["name"], config["args"])
+    params = trellis.convert_state_dict(sd, config)
+    twin = st.SLatFlowModel(**{**args, "use_fp16": False})
+    twin.load_state_dict({k: torch.from_numpy(v).float() for k, v in sd.items()}, strict=True)
+    return make_apply_fn(module), params, twin
+
+
 def write_checkpoint(prefix: str, config: dict, state_dict: dict) -> str:
     from safetensors.numpy import save_file
 
@@ -130,9 +189,14 @@ def write_checkpoint(prefix: str, config: dict, state_dict: dict) -> str:
 
 
 def write_trellis_folder(
-    out: str, flow_args: dict = TINY_FLOW_ARGS, decoder_args: dict = TINY_DECODER_ARGS, seed: int = 0
+    out: str,
+    flow_args: dict = TINY_FLOW_ARGS,
+    decoder_args: dict = TINY_DECODER_ARGS,
+    seed: int = 0,
+    slat_args: dict | None = None,
 ) -> dict[str, str]:
-    """Write ``out/pipeline.json`` and both stage-1 checkpoints; returns {model name: prefix}."""
+    """Write ``out/pipeline.json``, both stage-1 checkpoints and (given ``slat_args``) the SLat flow; returns
+    {model name: prefix}."""
     os.makedirs(os.path.join(out, "ckpts"), exist_ok=True)
     with open(os.path.join(out, "pipeline.json"), "w") as f:
         json.dump(PIPELINE, f, indent=4)
@@ -142,17 +206,23 @@ def write_trellis_folder(
     ):
         config = {"name": cls, "args": dict(args)}
         prefixes[name] = write_checkpoint(os.path.join(out, "ckpts", name), config, random_state_dict(config, seed + i))
+    if slat_args is not None:
+        config = {"name": trellis_slat.SLAT_FLOW, "args": dict(slat_args)}
+        prefix = os.path.join(out, "ckpts", SLAT_NAME)
+        prefixes[SLAT_NAME] = write_checkpoint(prefix, config, random_state_dict(config, seed + 2))
     return prefixes
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Write a TRELLIS-format folder of random stage-1 checkpoints.")
+    ap = argparse.ArgumentParser(description="Write a TRELLIS-format folder of random checkpoints.")
     ap.add_argument("--out", required=True)
     ap.add_argument("--released", action="store_true", help="the released architectures (default: tiny)")
+    ap.add_argument("--slat", action="store_true", help="also write the stage-2 SLat flow checkpoint")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     flow, dec = (RELEASED_FLOW_ARGS, RELEASED_DECODER_ARGS) if args.released else (TINY_FLOW_ARGS, TINY_DECODER_ARGS)
-    for prefix in write_trellis_folder(args.out, flow, dec, args.seed).values():
+    slat = (RELEASED_SLAT_ARGS if args.released else TINY_SLAT_ARGS) if args.slat else None
+    for prefix in write_trellis_folder(args.out, flow, dec, args.seed, slat_args=slat).values():
         size = os.path.getsize(prefix + ".safetensors")
         print(f"wrote {prefix}.{{json,safetensors}} ({size:,} bytes)")
     return 0

@@ -250,8 +250,8 @@ def test_bad_config_is_named():
         trellis.key_table(
             {"name": trellis.DECODER, "args": {k: v for k, v in TINY_DECODER_ARGS.items() if k != "channels"}}
         )
-    with pytest.raises(ConversionError, match="'SLatFlowModel' is not a stage-1 model"):
-        trellis.key_table({"name": "SLatFlowModel", "args": {}})
+    with pytest.raises(ConversionError, match="'NoSuchModel' is not a model we convert"):
+        trellis.key_table({"name": "NoSuchModel", "args": {}})
 
 
 def test_missing_files_name_the_path(tmp_path):

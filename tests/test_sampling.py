@@ -22,10 +22,9 @@ def test_guidance_interval_is_inclusive_on_rescaled_t(steps, guided):
 
 
 def _linear_model(params, x, t, cond):
-    # v depends on x, t and the condition so CFG, timing and batching all matter.
-    return (
-        params["a"] * x + 1e-3 * t[:, None, None, None, None] + jnp.mean(cond, axis=(1, 2))[:, None, None, None, None]
-    )
+    # v depends on x, t and the condition so CFG, timing and batching all matter; cond=None is the zero condition.
+    c = jnp.zeros(x.shape[:1]) if cond is None else jnp.mean(cond, axis=(1, 2))
+    return params["a"] * x + 1e-3 * t[:, None, None, None, None] + c[:, None, None, None, None]
 
 
 def _reference_loop(params, noise, cond, steps, rescale_t, w, interval):

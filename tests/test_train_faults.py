@@ -11,6 +11,7 @@ import subprocess
 import jax
 import jax.numpy as jnp
 import pytest
+from safetensors import safe_open
 
 from configs import dro
 from dso_jax import checkpoint, lora, train, workdir
@@ -25,6 +26,13 @@ def _config(**over):
         section, name = k.split(".")
         c[section][name] = v
     return c
+
+
+def _peft(path):
+    """A peft export's metadata and every tensor's dtype, shape and bytes (the header's JSON key order is
+    safetensors' own and varies between processes, so whole-file bytes are not comparable)."""
+    with safe_open(path, "np") as f:
+        return f.metadata(), {k: (str(v.dtype), v.shape, v.tobytes()) for k in f.keys() for v in [f.get_tensor(k)]}
 
 
 def _bytes(path):
@@ -67,8 +75,8 @@ def test_killed_after_logging_resumes_without_duplicated_rows(finished, tmp_path
     assert _bytes(os.path.join(wd, "config.json")) == config_json  # the config of the run that made checkpoint 2
     with open(os.path.join(wd, workdir.RESUMED_CONFIG_FILE)) as f:
         assert json.load(f)["train"]["log_every"] == 2
-    replayed = _bytes(os.path.join(wd, "peft", "step_0000004.safetensors"))
-    assert replayed == _bytes(os.path.join(finished, "peft", "step_0000004.safetensors"))
+    replayed = _peft(os.path.join(wd, "peft", "step_0000004.safetensors"))
+    assert replayed == _peft(os.path.join(finished, "peft", "step_0000004.safetensors"))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "remove"])
@@ -88,8 +96,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(finished,
     assert os.path.isdir(os.path.join(wd, "checkpoints.corrupt", "4"))  # kept aside for inspection
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4"]  # step 4 trained and saved again
     assert [r["step"] for r in read_rows(wd)] == [1, 2, 3, 4]
-    replayed = _bytes(os.path.join(wd, "peft", "step_0000004.safetensors"))
-    assert replayed == _bytes(os.path.join(finished, "peft", "step_0000004.safetensors"))
+    replayed = _peft(os.path.join(wd, "peft", "step_0000004.safetensors"))
+    assert replayed == _peft(os.path.join(finished, "peft", "step_0000004.safetensors"))
 
 
 def test_a_live_lock_refuses_a_second_run(finished, tmp_path):

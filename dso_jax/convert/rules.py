@@ -46,6 +46,8 @@ LEAF_RULES: dict[tuple[str, str], LeafRule] = {
         "kernel", (2, 3, 4, 1, 0)
     ),  # nn.Conv3d (O, I, kx, ky, kz) -> Conv (kx, ky, kz, I, O)
     ("conv3d", "bias"): LeafRule("bias", None),
+    ("spconv", "weight"): LeafRule("kernel", (1, 2, 3, 4, 0)),  # spconv KRSC (O, kx, ky, kz, I) -> (kx, ky, kz, I, O)
+    ("spconv", "bias"): LeafRule("bias", None),
     ("layernorm", "weight"): LeafRule("scale", None),  # nn.LayerNorm weight -> scale
     ("layernorm", "bias"): LeafRule("bias", None),
     ("groupnorm", "weight"): LeafRule("scale", None),  # nn.GroupNorm weight -> scale

@@ -1,6 +1,7 @@
-"""TRELLIS stage-1 checkpoints: key tables, strict conversion to Flax, export back, and file I/O.
+"""TRELLIS checkpoints: key tables, strict conversion to Flax, export back, and file I/O.
 
-Key tables are written from the reference (``trellis.md`` §2.9, §3.3): for a model's json ``args``
+Key tables are written from the reference (``trellis.md`` §2.9, §3.3; stage 2's SLat flow in
+``trellis_slat``, §4.4): for a model's json ``args``
 they list every state-dict entry with its module kind (which picks the rule in ``rules.py``), its
 PyTorch shape and the dtype the released ``*_fp16`` checkpoints store it in. Conversion checks a
 state dict against the table and raises one :class:`ConversionError` naming every missing,
@@ -34,6 +35,7 @@ from dso_jax.convert.verify import ConversionError, diff_lines, is_float, raise_
 FLOW = "SparseStructureFlowModel"
 DECODER = "SparseStructureDecoder"
 STAGE1_ROLES = ("sparse_structure_flow_model", "sparse_structure_decoder")  # keys of pipeline.json args.models
+STAGE2_ROLES = ("slat_flow_model",)  # converted from a folder when their files are there (stage 1 alone is enough)
 
 PARAMS_FILE, CONFIG_FILE, MANIFEST_FILE, PIPELINE_FILE = (
     "params.safetensors",
@@ -99,7 +101,7 @@ DECODER_ARGS = dict(
     norm_type="layer",
     use_fp16=False,
 )
-_REQUIRED_NONE_OK = {"num_heads"}  # defaults to None legitimately
+_REQUIRED_NONE_OK = {"num_heads", "io_block_channels"}  # default to None legitimately
 # The released stage-1 models' json args (TRELLIS-image-large ``ckpts/ss_flow_img_dit_L_16l8_fp16.json`` and
 # ``ckpts/ss_dec_conv3d_16l8_fp16.json``; trellis.md §2.1, §3.1): configs, random-weight presets and benches.
 RELEASED_FLOW_ARGS = dict(
@@ -121,11 +123,21 @@ RELEASED_DECODER_ARGS = dict(
 )
 
 
+def _models() -> dict:
+    """Model name -> (constructor defaults, key-table builder); stage 2 lives in ``trellis_slat``."""
+    from dso_jax.convert import trellis_slat  # imported here: its tables build on this module's helpers
+
+    stage2 = {
+        name: (trellis_slat.SLAT_FLOW_ARGS, trellis_slat.slat_flow_table) for name in trellis_slat.SLAT_FLOW_NAMES
+    }
+    return {FLOW: (FLOW_ARGS, ss_flow_table), DECODER: (DECODER_ARGS, ss_decoder_table), **stage2}
+
+
 def full_args(name: str, args: Mapping, *, source: str = "config") -> dict:
     """``args`` with the constructor defaults filled in; raises naming unknown or missing args."""
-    spec = {FLOW: FLOW_ARGS, DECODER: DECODER_ARGS}.get(name)
+    spec = _models().get(name, (None,))[0]
     if spec is None:
-        raise ConversionError(f"{source}: model name {name!r} is not a stage-1 model ({FLOW}, {DECODER})")
+        raise ConversionError(f"{source}: model name {name!r} is not a model we convert ({', '.join(_models())})")
     unknown = sorted(set(args) - set(spec))
     missing = sorted(k for k, v in spec.items() if v is None and k not in _REQUIRED_NONE_OK and k not in args)
     lines = [f"{source}: unknown arg {k!r} for {name}" for k in unknown]
@@ -157,9 +169,8 @@ def _rms(prefix: str, heads: int, head_dim: int) -> list[Entry]:
 def ss_flow_table(args: Mapping) -> list[Entry]:
     """State-dict entries of ``SparseStructureFlowModel(**args)``, in PyTorch's order (``trellis.md`` §2.9)."""
     a = full_args(FLOW, args)
-    c, cc, p = a["model_channels"], a["cond_channels"], a["patch_size"]
-    heads = a["num_heads"] or c // a["num_head_channels"]
-    hd, hidden, tokens = c // heads, int(c * a["mlp_ratio"]), (a["resolution"] // p) ** 3
+    c, p = a["model_channels"], a["patch_size"]
+    tokens = (a["resolution"] // p) ** 3
     half = F16 if a["use_fp16"] else F32  # convert_to_fp16 casts the Linear params inside `blocks` only
     t = [Entry("pos_emb", BUFFER, (tokens, c), F32)] if a["pe_mode"] == "ape" else []
     t += _linear("t_embedder.mlp.0", 256, c) + _linear("t_embedder.mlp.2", c, c)
@@ -167,20 +178,28 @@ def ss_flow_table(args: Mapping) -> list[Entry]:
         t += _linear("adaLN_modulation.1", c, 6 * c)
     t += _linear("input_layer", a["in_channels"] * p**3, c)
     for i in range(a["num_blocks"]):
-        b = f"blocks.{i}."
-        t += _norm(b + "norm2", c)
-        t += _linear(b + "self_attn.to_qkv", c, 3 * c, half)
-        if a["qk_rms_norm"]:
-            t += _rms(b + "self_attn.q_rms_norm", heads, hd) + _rms(b + "self_attn.k_rms_norm", heads, hd)
-        t += _linear(b + "self_attn.to_out", c, c, half)
-        t += _linear(b + "cross_attn.to_q", c, c, half) + _linear(b + "cross_attn.to_kv", cc, 2 * c, half)
-        if a["qk_rms_norm_cross"]:
-            t += _rms(b + "cross_attn.q_rms_norm", heads, hd) + _rms(b + "cross_attn.k_rms_norm", heads, hd)
-        t += _linear(b + "cross_attn.to_out", c, c, half)
-        t += _linear(b + "mlp.mlp.0", c, hidden, half) + _linear(b + "mlp.mlp.2", hidden, c, half)
-        if not a["share_mod"]:
-            t += _linear(b + "adaLN_modulation.1", c, 6 * c, half)
+        t += cross_block_entries(f"blocks.{i}.", a, half)
     return t + _linear("out_layer", c, a["out_channels"] * p**3)
+
+
+def cross_block_entries(b: str, a: Mapping, half: str) -> list[Entry]:
+    """One ``ModulatedTransformerCrossBlock`` (stage 1) / ``ModulatedSparseTransformerCrossBlock`` (stage 2)."""
+    c, cc = a["model_channels"], a["cond_channels"]
+    heads = a["num_heads"] or c // a["num_head_channels"]
+    hd, hidden = c // heads, int(c * a["mlp_ratio"])
+    t = _norm(b + "norm2", c)
+    t += _linear(b + "self_attn.to_qkv", c, 3 * c, half)
+    if a["qk_rms_norm"]:
+        t += _rms(b + "self_attn.q_rms_norm", heads, hd) + _rms(b + "self_attn.k_rms_norm", heads, hd)
+    t += _linear(b + "self_attn.to_out", c, c, half)
+    t += _linear(b + "cross_attn.to_q", c, c, half) + _linear(b + "cross_attn.to_kv", cc, 2 * c, half)
+    if a["qk_rms_norm_cross"]:
+        t += _rms(b + "cross_attn.q_rms_norm", heads, hd) + _rms(b + "cross_attn.k_rms_norm", heads, hd)
+    t += _linear(b + "cross_attn.to_out", c, c, half)
+    t += _linear(b + "mlp.mlp.0", c, hidden, half) + _linear(b + "mlp.mlp.2", hidden, c, half)
+    if not a["share_mod"]:
+        t += _linear(b + "adaLN_modulation.1", c, 6 * c, half)
+    return t
 
 
 def _resblock(prefix: str, c: int, half: str) -> list[Entry]:
@@ -214,15 +233,12 @@ def ss_decoder_table(args: Mapping) -> list[Entry]:
     return t + _conv3d("out_layer.2", ch[-1], a["out_channels"], 3)
 
 
-TABLES = {FLOW: ss_flow_table, DECODER: ss_decoder_table}
-
-
 def key_table(config: Mapping, *, source: str = "config") -> list[Entry]:
     """Key table of a TRELLIS json ``{"name": ..., "args": ...}``."""
     if not isinstance(config, Mapping) or "name" not in config or "args" not in config:
         raise ConversionError(f"{source}: expected a TRELLIS model json {{'name': ..., 'args': ...}}")
     full_args(config["name"], config["args"], source=source)
-    return TABLES[config["name"]](config["args"])
+    return _models()[config["name"]][1](config["args"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,6 +368,13 @@ def pipeline_stage1_prefixes(folder: str) -> dict[str, str]:
     if not found:
         raise ConversionError(f"{path}: lists none of the stage-1 models {STAGE1_ROLES}")
     return found
+
+
+def pipeline_stage2_prefixes(folder: str) -> dict[str, str]:
+    """role -> checkpoint prefix for the stage-2 models ``FOLDER/pipeline.json`` lists and the folder holds."""
+    models = read_json(os.path.join(folder, PIPELINE_FILE)).get("args", {}).get("models", {})
+    prefixes = {role: os.path.join(folder, models[role]) for role in STAGE2_ROLES if role in models}
+    return {role: p for role, p in prefixes.items() if is_trellis_prefix(p)}
 
 
 def read_checkpoint(prefix: str, *, hash_files: bool = False) -> tuple[dict, dict, dict]:

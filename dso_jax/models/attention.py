@@ -31,10 +31,19 @@ def resolve_attention_impl(implementation: str, dtype) -> Optional[str]:
     raise ValueError(f"attention implementation must be 'auto', 'xla' or 'cudnn', got {implementation!r}")
 
 
-def dot_product_attention(q, k, v, implementation: str = "auto"):
-    """Softmax attention with scale 1/sqrt(head_dim); q (B, L, H, D), k/v (B, S, H, D) -> (B, L, H, D)."""
+def dot_product_attention(q, k, v, implementation: str = "auto", lengths=None):
+    """Softmax attention with scale 1/sqrt(head_dim); q (B, L, H, D), k/v (B, S, H, D) -> (B, L, H, D).
+
+    ``lengths`` (B,) int32 (self-attention over padded objects): object b attends over its first
+    ``lengths[b]`` tokens only, and its padding queries return 0 (cuDNN's padding mask on GPU).
+    """
     impl = resolve_attention_impl(implementation, q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    if lengths is None:
+        return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    lengths = lengths.astype(jnp.int32)
+    return jax.nn.dot_product_attention(
+        q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=impl
+    )
 
 
 def rope_phases(coords: np.ndarray, head_dim: int) -> np.ndarray:
@@ -93,7 +102,12 @@ class MultiHeadAttention(nn.Module):
     """Self (``to_qkv``) or cross (``to_q`` + ``to_kv``) attention followed by ``to_out``.
 
     Fused projections keep PyTorch's output-channel order ``s * C + h * D + d`` (s = q/k/v), so
-    converted kernels need no permutation.
+    converted kernels need no permutation. ``lengths`` (B,) makes self-attention per object over padded
+    sparse tokens (each object's valid tokens first; TRELLIS's varlen attention).
+
+    Cross-attention with ``context=None`` is TRELLIS's unconditional input (an all-zero context) computed
+    exactly and cheaply: every key is ``to_kv``'s key bias, so softmax is uniform and every query receives the
+    value bias; the output is ``to_out(value bias)`` for every token (no q/kv projection, no attention).
     """
 
     channels: int
@@ -107,7 +121,7 @@ class MultiHeadAttention(nn.Module):
     attn_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, context=None, rope=None):  # x (B, L, C), context (B, S, Cc)
+    def __call__(self, x, context=None, rope=None, lengths=None):  # x (B, L, C), context (B, S, Cc), lengths (B,)
         b, l, c = x.shape
         heads, head_dim = self.num_heads, self.channels // self.num_heads
         dense = lambda n, name, bias=self.qkv_bias: nn.Dense(n, use_bias=bias, dtype=self.dtype, name=name)
@@ -116,6 +130,11 @@ class MultiHeadAttention(nn.Module):
             q, k, v = (y.reshape(b, l, heads, head_dim) for y in (q, k, v))
             if self.use_rope:
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
+        elif self.type == "cross" and context is None:  # the all-zero condition (see the class docstring)
+            zero = jnp.zeros((1, 1, self.ctx_channels or c), self.dtype)
+            v = dense(2 * self.channels, "to_kv")(zero)[..., self.channels :]  # (1, 1, C): the value bias
+            h = nn.Dense(self.channels, dtype=self.dtype, name="to_out")(v)
+            return jnp.broadcast_to(h, (b, l, self.channels))
         elif self.type == "cross":
             s = context.shape[1]
             q = dense(self.channels, "to_q")(x).reshape(b, l, heads, head_dim)
@@ -126,5 +145,6 @@ class MultiHeadAttention(nn.Module):
         if self.qk_rms_norm:
             q = MultiHeadRMSNorm(head_dim, heads, name="q_rms_norm")(q)
             k = MultiHeadRMSNorm(head_dim, heads, name="k_rms_norm")(k)
-        h = dot_product_attention(q, k, v, self.attn_impl).reshape(b, l, c)  # (B, L, C)
+        h = dot_product_attention(q, k, v, self.attn_impl, lengths if self.type == "self" else None)
+        h = h.reshape(b, l, c)  # (B, L, C)
         return nn.Dense(self.channels, dtype=self.dtype, name="to_out")(h)

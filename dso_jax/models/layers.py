@@ -106,6 +106,18 @@ def absolute_position_embedding(coords: np.ndarray, channels: int) -> np.ndarray
     return emb.astype(np.float32)
 
 
+def voxel_position_embedding(coords, channels: int, resolution: int):
+    """:func:`absolute_position_embedding` of integer coords (..., 3) in [0, resolution), traceable (jit).
+
+    A lookup in the per-axis table ``absolute_position_embedding(arange(resolution)[:, None], 2 f)``
+    (the same float32 values, bitwise); for sparse voxels whose coords are only known on device.
+    """
+    f = channels // 3 // 2
+    table = jnp.asarray(absolute_position_embedding(np.arange(resolution)[:, None], 2 * f))  # (R, 2f): [sin, cos]
+    emb = jnp.take(table, coords, axis=0).reshape(*coords.shape[:-1], 6 * f)
+    return jnp.pad(emb, [(0, 0)] * (coords.ndim - 1) + [(0, channels - 6 * f)])
+
+
 def grid_coords(resolution: int, axes: int = 3) -> np.ndarray:
     """Integer coordinates of a dense grid in 'ij' order: row n = (x, y, z) with n = r^2 x + r y + z."""
     mesh = np.meshgrid(*[np.arange(resolution)] * axes, indexing="ij")
@@ -151,7 +163,8 @@ def unpatchify(x, patch_size: int):
 
 
 def cast_block_weights(params, dtype):
-    """Cast the Linear/Conv kernels and biases inside ``blocks_*``/``middle_block_*`` to ``dtype``.
+    """Cast the Linear/Conv kernels and biases inside the torso (``blocks_*``, ``middle_block_*``, and the SLat
+    flow's ``input_blocks_*``/``out_blocks_*``) to ``dtype``.
 
     Mirrors TRELLIS's fp16 torso (norm scales and RMS gammas stay float32). For inference and
     sampling: the per-call float32 -> bf16 weight conversion then happens once, not every forward.
@@ -162,7 +175,7 @@ def cast_block_weights(params, dtype):
 
     def cast(path, leaf):
         names = [getattr(k, "key", str(k)) for k in path]
-        in_torso = any(n.startswith(("blocks_", "middle_block_")) for n in names)
+        in_torso = any(n.startswith(("blocks_", "middle_block_", "input_blocks_", "out_blocks_")) for n in names)
         if in_torso and names[-1] in ("kernel", "bias") and not any(n.startswith("norm") for n in names):
             return leaf.astype(dtype)
         return leaf

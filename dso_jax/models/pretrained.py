@@ -1,13 +1,17 @@
-"""Pretrained models: build from a json, convert, load (TRELLIS stage 1, DINOv2, LoRA), and the conversion CLI's work.
+"""Pretrained models: build from a json, convert, load (TRELLIS stage 1, the stage-2 SLat flow, DINOv2, LoRA), and
+the conversion CLI's work.
 
 ``load_pretrained(path)`` returns ``(apply_fn, params)``:
 
 * ``path`` is a converted folder (``params.safetensors`` + ``config.json``, see
-  ``ported_weights/README.md``) or a TRELLIS checkpoint prefix ``.../ckpts/NAME`` (``NAME.json`` and
-  ``NAME.safetensors`` beside it), converted in memory;
+  ``ported_weights/README.md``), a folder holding exactly one converted folder, or a TRELLIS checkpoint
+  prefix ``.../ckpts/NAME`` (``NAME.json`` and ``NAME.safetensors`` beside it), converted in memory;
 * ``params`` is the inner parameter dict (what ``variables['params']`` is), float32 master weights;
 * ``apply_fn(params, x, t, cond)`` (flow; x (B, C, R, R, R), t (B,) in [0, 1000], cond (B, S, Cc)) or
-  ``apply_fn(params, z)`` (decoder; z (B, 8, R, R, R) -> logits (B, 1, 4R, 4R, 4R)) calls
+  ``apply_fn(params, z)`` (decoder; z (B, 8, R, R, R) -> logits (B, 1, 4R, 4R, 4R)) or
+  ``apply_fn(params, x, t, cond)`` (SLat flow; x a ``dso_jax.sparse.SparseBatch`` -> a SparseBatch of
+  velocities on the same voxels; build x with ``sparse.from_trellis(coords, feats,
+  downsamples=apply_fn.module.downsamples)``) calls
   ``module.apply({'params': params}, ...)``. It is not jitted, so it composes into jitted samplers
   and train steps; ``jax.jit(apply_fn)`` works.
 
@@ -28,13 +32,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dso_jax.convert import files, peft, trellis
+from dso_jax import sparse
+from dso_jax.convert import files, peft, trellis, trellis_slat
 from dso_jax.convert.verify import ConversionError, check_finite, check_finite_and_deterministic, tree_diff
 from dso_jax.models import dinov2
+from dso_jax.models.slat_flow import SLatFlowModel
 from dso_jax.models.ss_decoder import SparseStructureDecoder
 from dso_jax.models.ss_flow import SparseStructureFlowModel
 
-MODEL_CLASSES = {trellis.FLOW: SparseStructureFlowModel, trellis.DECODER: SparseStructureDecoder}
+MODEL_CLASSES = {
+    trellis.FLOW: SparseStructureFlowModel,
+    trellis.DECODER: SparseStructureDecoder,
+    **{name: SLatFlowModel for name in trellis_slat.SLAT_FLOW_NAMES},
+}
+EXAMPLE_VOXELS = (300, 200)  # voxels per object of the SLat flow's example inputs (two objects for batch 2)
 
 
 def model_from_config(name: str, args: Mapping[str, Any], dtype: Any = jnp.float32) -> nn.Module:
@@ -57,8 +68,18 @@ def default_dtype(name: str, args: Mapping[str, Any]) -> jnp.dtype:
 def example_inputs(
     module: nn.Module, *, batch: int = 1, cond_len: int = 8, latent_res: int = 16, seed: int = 0
 ) -> tuple:
-    """Random inputs in TRELLIS's layout: (x, t, cond) for the flow model, (z,) for the decoder."""
+    """Random inputs in TRELLIS's layout: (x, t, cond) for the flow models, (z,) for the decoder."""
     rng = np.random.default_rng(seed)
+    if isinstance(module, SLatFlowModel):
+        counts = [EXAMPLE_VOXELS[i % len(EXAMPLE_VOXELS)] for i in range(batch)]
+        coords = sparse.example_coords(counts, module.resolution, seed=seed)
+        feats = rng.standard_normal((len(coords), module.in_channels), np.float32)
+        x = sparse.from_trellis(
+            coords, feats, resolution=module.resolution, downsamples=module.downsamples, quantum=256, coarse_quantum=128
+        )
+        t = rng.uniform(0.0, 1000.0, (batch,)).astype(np.float32)
+        cond = rng.standard_normal((batch, cond_len, module.cond_channels), np.float32)
+        return x, jnp.asarray(t), jnp.asarray(cond)
     if isinstance(module, SparseStructureFlowModel):
         r = module.resolution
         x = rng.standard_normal((batch, module.in_channels, r, r, r), np.float32)
@@ -127,10 +148,18 @@ def _load_params(path: str) -> tuple[dict, dict]:
         config, params, _ = convert_checkpoint(path)
         return config, params
     if trellis.is_pipeline_folder(path):
-        prefixes = sorted(trellis.pipeline_stage1_prefixes(path).values())
+        prefixes = sorted(
+            [*trellis.pipeline_stage1_prefixes(path).values(), *trellis.pipeline_stage2_prefixes(path).values()]
+        )
         raise ValueError(f"{path} is a TRELLIS pipeline folder; load one model: {prefixes}")
-    if os.path.isdir(path) and any(trellis.is_converted_folder(os.path.join(path, d)) for d in os.listdir(path)):
-        subs = sorted(d for d in os.listdir(path) if trellis.is_converted_folder(os.path.join(path, d)))
+    subs = (
+        sorted(d for d in os.listdir(path) if trellis.is_converted_folder(os.path.join(path, d)))
+        if os.path.isdir(path)
+        else []
+    )
+    if len(subs) == 1:  # DST of a one-model conversion: that model
+        return _load_params(os.path.join(path, subs[0]))
+    if subs:
         raise ValueError(f"{path} holds converted models {subs}; pass one of those folders")
     raise FileNotFoundError(
         f"{path}: neither a converted folder ({trellis.PARAMS_FILE} + {trellis.CONFIG_FILE}) "
@@ -284,7 +313,9 @@ def with_lora(models: Models, path: str, alpha: Optional[float] = None) -> Model
 # ---------------------------------------------------------------------------------------------- conversion CLI
 
 
-def _stage1_prefixes(src: str) -> list[str]:
+def _source_prefixes(src: str) -> list[str]:
+    """The checkpoint prefixes to convert: a pipeline folder's stage-1 models (both required) and its stage-2
+    SLat flow when the folder holds it, or one ``NAME`` prefix."""
     if trellis.is_pipeline_folder(src):
         found = trellis.pipeline_stage1_prefixes(src)
         missing = [role for role in trellis.STAGE1_ROLES if role not in found]
@@ -293,7 +324,7 @@ def _stage1_prefixes(src: str) -> list[str]:
                 f"{os.path.join(src, trellis.PIPELINE_FILE)}: args.models has no {' / '.join(map(repr, missing))} "
                 "entry (a stage-1 TRELLIS pipeline lists both the flow and the decoder)"
             )
-        return [found[role] for role in trellis.STAGE1_ROLES]
+        return [found[role] for role in trellis.STAGE1_ROLES] + list(trellis.pipeline_stage2_prefixes(src).values())
     if trellis.is_trellis_prefix(src):
         return [src]
     raise FileNotFoundError(
@@ -304,7 +335,8 @@ def _stage1_prefixes(src: str) -> list[str]:
 def convert_trellis(
     src: str, dst: str, *, verify: bool = False, overwrite: bool = False, log: Callable[[str], None] = print
 ) -> list[str]:
-    """The conversion CLI: ``src`` is a TRELLIS folder (its stage-1 models) or one ``NAME`` prefix.
+    """The conversion CLI: ``src`` is a TRELLIS folder (its stage-1 models, and the stage-2 SLat flow when its
+    files are there) or one ``NAME`` prefix.
 
     Writes ``dst/NAME/{params.safetensors, config.json, manifest.json}`` per model and copies a
     folder's ``pipeline.json`` to ``dst/source_pipeline.json``. With ``verify``, reloads each model
@@ -313,7 +345,7 @@ def convert_trellis(
     leaves no partial ``dst``; an existing non-empty ``dst`` is refused unless ``overwrite``.
     Returns the model folders.
     """
-    prefixes = _stage1_prefixes(src)
+    prefixes = _source_prefixes(src)
     dst = os.path.abspath(dst)
     names = [os.path.basename(p) for p in prefixes]
     with files.staged_folder(dst, overwrite=overwrite) as tmp:
@@ -330,7 +362,8 @@ def convert_trellis(
         for name in names if verify else ():
             apply_fn, params = load_pretrained(os.path.join(tmp, name))
             where = os.path.join(dst, name)
-            stats = check_finite_and_deterministic(apply_fn, params, example_inputs(apply_fn.module), name=where)
+            fn = apply_fn if not isinstance(apply_fn.module, SLatFlowModel) else lambda p, *a: apply_fn(p, *a).feats
+            stats = check_finite_and_deterministic(fn, params, example_inputs(apply_fn.module), name=where)
             log(
                 f"verify {where}: output {stats['shape']} finite and deterministic; mean {stats['mean']:.4g} "
                 f"std {stats['std']:.4g} max|y| {stats['max_abs']:.4g}"

@@ -32,7 +32,11 @@ Dtype = Any
 
 
 class ModulatedTransformerCrossBlock(nn.Module):
-    """adaLN-modulated self-attention, plain cross-attention (affine ``norm2``), modulated MLP."""
+    """adaLN-modulated self-attention, plain cross-attention (affine ``norm2``), modulated MLP.
+
+    Also TRELLIS's ``ModulatedSparseTransformerCrossBlock`` (same math and names): with ``lengths`` (B,)
+    the tokens are padded sparse voxels and self-attention runs over each object's valid tokens.
+    """
 
     channels: int
     ctx_channels: int
@@ -47,7 +51,8 @@ class ModulatedTransformerCrossBlock(nn.Module):
     attn_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, mod, context, rope=None):  # x (B, L, C), mod (B, C) or (B, 6C), context (B, S, Cc)
+    def __call__(self, x, mod, context, rope=None, lengths=None):
+        # x (B, L, C), mod (B, C) or (B, 6C), context (B, S, Cc) or None (the all-zero condition), lengths (B,)
         if not self.share_mod:
             mod = nn.Dense(6 * self.channels, dtype=self.dtype, name="adaLN_modulation_1")(nn.silu(mod))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = [
@@ -59,7 +64,7 @@ class ModulatedTransformerCrossBlock(nn.Module):
         h = h * (1 + scale_msa) + shift_msa
         h = MultiHeadAttention(
             self.channels, type="self", use_rope=self.use_rope, qk_rms_norm=self.qk_rms_norm, name="self_attn", **attn
-        )(h, rope=rope)
+        )(h, rope=rope, lengths=lengths)
         x = x + h * gate_msa
 
         h = LayerNorm32(1e-6, affine=True, name="norm2")(x)
@@ -114,12 +119,12 @@ class SparseStructureFlowModel(nn.Module):
         return absolute_position_embedding(grid_coords(self.token_resolution), self.model_channels)
 
     @nn.compact
-    def __call__(self, x, t, cond):
+    def __call__(self, x, t, cond):  # cond (B, S, Cc), or None: TRELLIS's all-zero unconditional input, exactly
         b = x.shape[0]
         expected = (b, self.in_channels, self.resolution, self.resolution, self.resolution)
         if tuple(x.shape) != expected:
             raise ValueError(f"SparseStructureFlowModel: x has shape {tuple(x.shape)}, expected {expected}")
-        if cond.ndim != 3 or cond.shape[-1] != self.cond_channels:
+        if cond is not None and (cond.ndim != 3 or cond.shape[-1] != self.cond_channels):
             raise ValueError(
                 f"SparseStructureFlowModel: cond has shape {tuple(cond.shape)}, expected (B, S, {self.cond_channels})"
             )
@@ -139,7 +144,8 @@ class SparseStructureFlowModel(nn.Module):
         t_emb = TimestepEmbedder(self.model_channels, name="t_embedder")(t)  # (B, C) float32
         if self.share_mod:
             t_emb = nn.Dense(6 * self.model_channels, dtype=jnp.float32, name="adaLN_modulation_1")(nn.silu(t_emb))
-        t_emb, h, cond = t_emb.astype(self.dtype), h.astype(self.dtype), cond.astype(self.dtype)
+        t_emb, h = t_emb.astype(self.dtype), h.astype(self.dtype)
+        cond = None if cond is None else cond.astype(self.dtype)
 
         block_cls = nn.remat(ModulatedTransformerCrossBlock) if self.use_checkpoint else ModulatedTransformerCrossBlock
         for i in range(self.num_blocks):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """§2.3: w_j = exp(-ln(max_period) j / half); [cos(t w), sin(t w)], cosine first, float32."""
     half = dim // 2
-    w = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    w = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angle = t.float()[:, None] * w[None, :]
     out = torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
     if dim % 2:
@@ -47,7 +47,7 @@ def ape(coords: torch.Tensor, channels: int) -> torch.Tensor:
     """§2.4: per axis [sin(x v), cos(x v)] with v_j = 10000^(-j / f), f = channels // axes // 2; zero pad."""
     n, axes = coords.shape
     f = channels // axes // 2
-    nu = 1.0 / (10000.0 ** (torch.arange(f, dtype=torch.float32) / f))
+    nu = 1.0 / (10000.0 ** (torch.arange(f, dtype=torch.float32, device=coords.device) / f))
     ang = coords.reshape(-1).float()[:, None] * nu[None, :]  # (N * axes, f)
     emb = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1).reshape(n, axes * 2 * f)
     return F.pad(emb, (0, channels - emb.shape[1]))
@@ -372,7 +372,7 @@ class FlowEulerGuidanceIntervalSampler:
 
     def velocity(self, model, x, t: float, cond, neg_cond, cfg_strength: float, cfg_interval):
         def call(c):
-            tt = torch.full((x.shape[0],), 1000 * t, dtype=torch.float32)
+            tt = torch.full((x.shape[0],), 1000 * t, dtype=torch.float32, device=c.device)
             if c.shape[0] == 1 and x.shape[0] > 1:
                 c = c.expand(x.shape[0], *c.shape[1:])
             return model(x, tt, c)
