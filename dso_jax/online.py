@@ -235,12 +235,16 @@ def _finish(config, run, before: dict, after: dict) -> dict:
     out = summary.write_summary(run.workdir, before, after, run.seconds(), extra)
     summary.print_summary(out)
     if train_rows:
+        held_steps = [0] + [r["step"] for r in curve] + [config.train.steps]
+        held_rates = [before["stable_rate"]] + [r["heldout_stable_rate"] for r in curve] + [after["stable_rate"]]
         summary.plot_curve(
             os.path.join(run.workdir, "stable_rate.png"),
             [r["step"] for r in train_rows],
             [r["stable_rate"] for r in train_rows],
-            "stable rate of fresh samples",
+            "stable rate",
             f"online {config.loss.upper()} (toy world)",
+            label="fresh samples (training conditions, this step's policy)",
+            more=[(held_steps, held_rates, f"held out ({config.eval.num_conditions} conditions, fixed noise)")],
         )
     return out
 
