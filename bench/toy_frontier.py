@@ -29,11 +29,38 @@ TARGET_STABLE, TARGET_IOU_REL = 0.90, 0.97  # issue 15's bar for the main job
 
 
 def trajectory(summary: dict) -> list[tuple[int, float, float]]:
-    """(step, held-out stable rate, IoU) from step 0 to the end of one run's ``summary.json``."""
+    """(step, held-out stable rate, IoU) from step 0 to the end of one run's ``summary.json`` (a partial
+    summary from :func:`partial_summary` has no "after")."""
     pts = [(0, summary["stable_rate_before"], summary["iou_before"])]
     pts += [(c["step"], c["heldout_stable_rate"], c["heldout_iou"]) for c in summary.get("heldout_curve", [])]
-    pts.append((summary["steps"], summary["stable_rate_after"], summary["iou_after"]))
+    if "stable_rate_after" in summary:
+        pts.append((summary["steps"], summary["stable_rate_after"], summary["iou_after"]))
     return pts
+
+
+def partial_summary(workdir: str) -> dict | None:
+    """An unfinished run's trajectory so far (``eval_before.json`` and the held-out rows of ``metrics.jsonl``)."""
+    try:
+        with open(os.path.join(workdir, "eval_before.json")) as f:
+            before = json.load(f)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            curve = [r for r in map(json.loads, f) if "heldout_stable_rate" in r]
+    except FileNotFoundError:
+        return None
+    return {"stable_rate_before": before["stable_rate"], "iou_before": before["iou"], "heldout_curve": curve}
+
+
+def collect(name: str, config: str, overrides: list[str], args) -> dict:
+    """A variant's row from its workdir without running it (--no_run): the summary, else the partial one."""
+    row = {"name": name, "config": config, "overrides": overrides, "rc": 0, "wall_s": float("nan")}
+    path = os.path.join(args.workdir, name, "summary.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            row["summary"] = json.load(f)
+    else:
+        part = partial_summary(os.path.join(args.workdir, name))
+        row.update({"summary": part, "partial": True} if part else {"rc": -1})
+    return row
 
 
 def markdown(rows: list[dict]) -> str:
@@ -43,10 +70,9 @@ def markdown(rows: list[dict]) -> str:
         if not s:
             out.append(f"| {r['name']} | failed (rc {r['rc']}) | | | |")
             continue
+        name = r["name"] + (" (stopped early)" if r.get("partial") else "")
         for step, stable, iou in trajectory(s)[1:]:
-            out.append(
-                f"| {r['name']} | {step} | {stable:.3f} | {iou:.3f} | {100 * (iou / s['iou_before'] - 1):+.1f}% |"
-            )
+            out.append(f"| {name} | {step} | {stable:.3f} | {iou:.3f} | {100 * (iou / s['iou_before'] - 1):+.1f}% |")
     return "\n".join(out)
 
 
@@ -93,10 +119,14 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--ceiling_k", type=int, default=16, help="hidden resamples per held-out condition (0: none)")
     ap.add_argument("--ceiling_physics", choices=("static", "mjx"), default="static")
+    ap.add_argument("--no_run", action="store_true", help="tabulate and plot the workdirs as they are")
     args = ap.parse_args()
     variants = [toy_sweep.parse_variant(v) for v in args.variant]
-    with concurrent.futures.ThreadPoolExecutor(max(args.parallel, 1)) as pool:
-        rows = list(pool.map(lambda v: toy_sweep.run_variant(*v, args), variants))
+    if args.no_run:
+        rows = [collect(*v, args) for v in variants]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max(args.parallel, 1)) as pool:
+            rows = list(pool.map(lambda v: toy_sweep.run_variant(*v, args), variants))
     ceiling = None
     if args.ceiling_k:
         sys.path.insert(0, toy_sweep.REPO)
@@ -115,7 +145,7 @@ def main():
             stability_fn = jax.jit(lambda occ: sim(upsample(occ, config.decoder.sim_upsample)))
         ceiling = world.world_ceiling(config.eval.seed, config.eval.num_conditions, args.ceiling_k, stability_fn)
         print("world ceiling:", json.dumps(ceiling))
-    print(toy_sweep.table(rows))
+    print(toy_sweep.table([r for r in rows if not r.get("partial")]))
     print(markdown(rows))
     if args.png:
         plot(args.png, rows, ceiling)

@@ -243,7 +243,7 @@ def _finish(config, run, before: dict, after: dict) -> dict:
             [r["stable_rate"] for r in train_rows],
             "stable rate",
             f"online {config.loss.upper()} (toy world)",
-            label="fresh samples (training conditions, this step's policy)",
+            label="fresh samples (training conditions, the sampling policy)",
             more=[(held_steps, held_rates, f"held out ({config.eval.num_conditions} conditions, fixed noise)")],
         )
     return out
