@@ -1,7 +1,7 @@
 """Convert TRELLIS checkpoints to Flax: ``python convert_trellis.py --src SRC --dst DST [--verify]``.
 
 SRC is a TRELLIS model folder as released (``pipeline.json`` + ``ckpts/NAME.{json,safetensors}``; its
-stage-1 models are converted, and the stage-2 SLat flow when its files are there) or one checkpoint
+stage-1 models are converted, and the stage-2 SLat flow, mesh and Gaussian decoders when their files are there) or one checkpoint
 prefix ``.../ckpts/NAME`` (any of those models). Each model goes to
 ``DST/NAME/`` as ``params.safetensors`` (float32, '/'-joined Flax keys), ``config.json`` (the TRELLIS
 json) and ``manifest.json`` (source sha256; every source tensor's name, shape, dtype and Flax key).

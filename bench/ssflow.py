@@ -15,7 +15,7 @@ parent prints the table at the end. Rows:
   options (``VARIANTS`` below). ``library`` is what a user gets: ``dso_jax.xla_flags.DEFAULTS`` and the
   sampler's exact zero-condition shortcut; ``default`` is XLA's own flags (``DSO_JAX_NO_XLA_DEFAULTS=1``).
 
-Weights: random, every parameter N(0, 0.02) in torch; Flax's init in JAX (same shapes, released architecture).
+Weights: random, every parameter N(0, 0.02) on both sides (same shapes: the released architecture).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import types
 
@@ -100,8 +102,12 @@ def run_jax(variant: str, batches, reps: int, sample_batch: int, tiny: bool = Fa
     dec = SparseStructureDecoder(**dec_args, dtype=dtype)
     key = jax.random.PRNGKey(0)
     x1 = jnp.zeros((1, 8, 16, 16, 16), jnp.float32)
-    fparams = jax.jit(flow.init)(key, x1, jnp.zeros((1,)), jnp.zeros((1, cond_len, cc)))["params"]
-    dparams = jax.jit(dec.init)(key, x1)["params"]
+    # N(0, 0.02) like the torch rows, drawn on the host from the shapes alone: compiling the released model's
+    # Flax init took longer than a row's 60 s limit on the H200
+    rng = np.random.default_rng(0)
+    draw = lambda tree: jax.tree.map(lambda a: jnp.asarray(0.02 * rng.standard_normal(a.shape, np.float32)), tree)
+    fparams = draw(jax.eval_shape(flow.init, key, x1, jnp.zeros((1,)), jnp.zeros((1, cond_len, cc)))["params"])
+    dparams = draw(jax.eval_shape(dec.init, key, x1)["params"])
     apply_flow = lambda p, x, t, c: flow.apply({"params": p}, x, t, c)
     fwd = jax.jit(apply_flow)
     for b in batches:
@@ -116,6 +122,8 @@ def run_jax(variant: str, batches, reps: int, sample_batch: int, tiny: bool = Fa
         _emit(row, f"forward_B{b}", seconds=s, compile_s=compile_s, tflops=FLOP_PER_SAMPLE * b / s / 1e12)
 
     b = sample_batch
+    if not b:  # --sample_batch 0: forwards only
+        return _emit_jax_memory(row)
     kw = dict(SAMPLER)
     if "null_cond" in opts:
         kw["null_cond"] = opts["null_cond"]
@@ -132,6 +140,12 @@ def run_jax(variant: str, batches, reps: int, sample_batch: int, tiny: bool = Fa
     compile_s = time.perf_counter() - t0
     s = _median_time(lambda: sample_decode(fparams, dparams, noise, cond).block_until_ready(), max(3, reps // 3), 1)
     _emit(row, f"sample12_cfg_decode_B{b}", seconds=s, per_object=s / b, compile_s=compile_s)
+    _emit_jax_memory(row)
+
+
+def _emit_jax_memory(row):
+    import jax
+
     mem = jax.devices()[0].memory_stats() or {}
     _emit(row, "peak_memory", gib=mem.get("peak_bytes_in_use", 0) / 2**30)
 
@@ -189,7 +203,16 @@ def run_torch(mode: str, batches, reps: int, sample_batch: int, src: str, tiny: 
             s = sync_time(lambda: flow(x, t, c), reps)
             _emit(row, f"forward_B{b}", seconds=s, compile_s=compile_s, tflops=FLOP_PER_SAMPLE * b / s / 1e12)
 
-        b = sample_batch
+    if sample_batch:  # 0: forwards only
+        _torch_sampling(flow, dec, row, sample_batch, cond_len, cc, dev, sync_time, reps)
+    _emit(row, "peak_memory", gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0)
+
+
+def _torch_sampling(flow, dec, row, b, cond_len, cc, dev, sync_time, reps):
+    import torch
+
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    with torch.no_grad():
         noise = torch.randn(b, 8, 16, 16, 16, device=dev)
         cond = torch.randn(b, cond_len, cc, device=dev)
         neg = torch.zeros_like(cond)
@@ -215,10 +238,35 @@ def run_torch(mode: str, batches, reps: int, sample_batch: int, src: str, tiny: 
         compile_s = time.perf_counter() - t0
         s = sync_time(run, max(3, reps // 3), 1)
         _emit(row, f"sample12_cfg_decode_B{b}", seconds=s, per_object=s / b, compile_s=compile_s)
-    _emit(row, "peak_memory", gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0)
 
 
 # ------------------------------------------------------------------------------------------ driver
+def _run_row(row: str, cmd, env, timeout: float, out_path: str) -> list:
+    """Run one row's worker, echoing (and appending to ``out_path``) each ROW line the moment it is printed,
+    so a row killed by its timeout, or a whole run killed from outside, keeps every figure it reached."""
+    rows, t0 = [], time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                if line.startswith("ROW "):
+                    print(line.rstrip(), flush=True)
+                    rows.append(json.loads(line[4:]))
+                    if out_path:
+                        with open(out_path, "a") as f:
+                            f.write(line[4:])
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+        if rc != 0:
+            err.seek(0)
+            why = "killed (timeout)" if rc < 0 else f"rc={rc}"
+            print(f"ROW-ERROR {row} {why} after {time.perf_counter() - t0:.0f}s: {err.read()[-800:]}", flush=True)
+    return rows
+
+
 def _user_xla_flags() -> str:
     """This process's XLA_FLAGS without what importing dso_jax added (each worker decides for itself)."""
     library = {f"{k}={v}" for k, v in xla_flags.DEFAULTS.items()}
@@ -230,10 +278,10 @@ def main():
     ap.add_argument("--trellis_src", default="", help="TRELLIS checkout for the torch rows")
     ap.add_argument("--rows", default="torch:eager,torch:compile,jax:library,jax:default")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--sample_batch", type=int, default=8)
+    ap.add_argument("--sample_batch", type=int, default=8, help="0: forwards only")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per row (its own process)")
-    ap.add_argument("--out", default="")
+    ap.add_argument("--out", default="", help="JSON-lines file, one row appended as each is measured")
     ap.add_argument("--tiny", action="store_true", help="a CPU-sized model (checks that the script runs)")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -244,7 +292,8 @@ def main():
             run_torch(name, batches, args.reps, args.sample_batch, args.trellis_src, args.tiny)
         else:
             run_jax(name, batches, args.reps, args.sample_batch, args.tiny)
-        return
+        sys.stdout.flush()
+        os._exit(0)  # every figure is printed; skip interpreter teardown (it stalled a CPU worker for minutes)
     results = []
     for row in args.rows.split(","):
         env = dict(os.environ, XLA_FLAGS=_user_xla_flags())
@@ -253,26 +302,8 @@ def main():
             if not opts.get("library_flags", True):  # read when the worker imports dso_jax
                 env["DSO_JAX_NO_XLA_DEFAULTS"] = "1"
             env["XLA_FLAGS"] = (env["XLA_FLAGS"] + " " + flags).strip()
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", row] + sys.argv[1:]
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-            out, err, rc = proc.stdout, proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            out, err, rc = (
-                (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""),
-                "",
-                "timeout",
-            )
-        for line in out.splitlines():
-            if line.startswith("ROW "):
-                print(line, flush=True)
-                results.append(json.loads(line[4:]))
-        if rc != 0:
-            print(f"ROW-ERROR {row} rc={rc} after {time.perf_counter() - t0:.0f}s: {err[-800:]}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        cmd = [sys.executable, "-u", os.path.abspath(__file__), "--worker", row] + sys.argv[1:]
+        results += _run_row(row, cmd, env, args.timeout, args.out)
     print(f"\n{'row':22s} {'measure':26s} {'seconds':>9s} {'per obj':>8s} {'TFLOP/s':>8s} {'compile':>8s}")
     for r in results:
         if "seconds" in r:

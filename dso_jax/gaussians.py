@@ -24,19 +24,21 @@ import os
 import numpy as np
 from scipy.special import expit
 
+from dso_jax.convert.trellis_slat import RELEASED_SLAT_GS_DECODER_ARGS
+
 # representation_config of the released slat_dec_gs_swin8_B_64l8gs32_fp16 (+ the decoder's grid resolution).
 RELEASED_GS_CONFIG = {
-    "resolution": 64,
-    "lr": {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1},
-    "perturb_offset": True,
-    "voxel_size": 1.5,
-    "num_gaussians": 32,
-    "2d_filter_kernel_size": 0.1,
-    "3d_filter_kernel_size": 9e-4,
-    "scaling_bias": 4e-3,
-    "opacity_bias": 0.1,
-    "scaling_activation": "softplus",
+    "resolution": RELEASED_SLAT_GS_DECODER_ARGS["resolution"],
+    **RELEASED_SLAT_GS_DECODER_ARGS["representation_config"],
 }
+
+
+def decoder_config(module) -> dict:
+    """The read-out config of a ``SLatGaussianDecoder`` module: its ``representation_config`` + grid resolution."""
+    rep = module.representation_config
+    return {"resolution": int(module.resolution), **{k: dict(v) if hasattr(v, "items") else v for k, v in rep.items()}}
+
+
 AABB = np.array([-0.5, -0.5, -0.5, 1.0, 1.0, 1.0], np.float32)  # TRELLIS's Gaussian aabb: origin, size
 PLY_TRANSFORM = np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]], np.float64)  # Gaussian.save_ply's default
 PLY_FIELDS = ("x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity")
@@ -71,8 +73,9 @@ def _logit(p):
     return np.log(p / (1 - p)).astype(np.float32)
 
 
-def gaussians_from_decoder(coords, feats, config: dict | None = None, perturbation=None) -> list[dict]:
-    """Gaussians per object from the decoder's output in TRELLIS's ``SparseTensor`` layout.
+def gaussians_from_decoder(coords, feats=None, config: dict | None = None, perturbation=None) -> list[dict]:
+    """Gaussians per object from the decoder's output: its ``SparseBatch`` (``gaussians_from_decoder(raw, config=...)``,
+    one entry per object of the batch) or TRELLIS's ``SparseTensor`` layout.
 
     ``coords`` (M, 4) int rows [batch, x, y, z] on the ``config['resolution']`` grid, ``feats`` (M, 14·G) with G
     = ``config['num_gaussians']`` (448 for the released decoder). ``config`` defaults to
@@ -81,8 +84,20 @@ def gaussians_from_decoder(coords, feats, config: dict | None = None, perturbati
     ``xyz`` (N, 3) centres in TRELLIS's z-up frame, ``features_dc`` (N, 3) SH DC coefficients, ``scaling`` (N, 3),
     ``rotation`` (N, 4) unit quaternions (w, x, y, z), ``opacity`` (N,) in (0, 1).
     """
+    from dso_jax.sparse.batch import SparseBatch, to_trellis
+
     cfg = RELEASED_GS_CONFIG if config is None else config
     g, res, lr = int(cfg["num_gaussians"]), int(cfg["resolution"]), cfg["lr"]
+    n_obj = None
+    if isinstance(coords, SparseBatch):
+        if feats is not None:
+            raise TypeError("gaussians_from_decoder(raw: SparseBatch) takes no separate feats")
+        if coords.resolution != res:
+            raise ValueError(f"the decoder output is at resolution {coords.resolution}, config['resolution'] is {res}")
+        n_obj = coords.batch_size
+        coords, feats = to_trellis(coords)
+    elif feats is None:
+        raise TypeError("gaussians_from_decoder: pass a SparseBatch, or coords (M, 4) and feats (M, 14 G)")
     coords, feats = np.asarray(coords), np.asarray(feats, np.float32)
     width = g * sum(w for _, w in _LAYOUT)
     if coords.ndim != 2 or coords.shape[1] != 4:
@@ -106,7 +121,7 @@ def gaussians_from_decoder(coords, feats, config: dict | None = None, perturbati
     opacity_bias = _logit(np.float32(cfg["opacity_bias"]))
     min_kernel = np.float32(cfg["3d_filter_kernel_size"])
 
-    n_obj = int(coords[:, 0].max()) + 1 if len(coords) else 0
+    n_obj = (int(coords[:, 0].max()) + 1 if len(coords) else 0) if n_obj is None else n_obj
     out = []
     for b in range(n_obj):
         rows = coords[:, 0] == b

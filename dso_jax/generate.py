@@ -1,16 +1,20 @@
 """The image -> 3D jobs behind ``scripts/{sample,generate_data,generate_eval}.py``, on ``dso_jax.pipeline.Generator``.
 
-* :func:`sample_images` (``scripts/sample.py``): per image and sample a y-up GLB (``dso_jax.mesh_export``),
-  the stage-1 latent ``{name}_ss_latent.npy`` (1, C, R, R, R) float32 and the voxel coordinates
+* :func:`sample_images` (``scripts/sample.py``): per image and sample a y-up GLB (``dso_jax.mesh_export``): with a
+  :class:`~dso_jax.pipeline.Stage2`, the final FlexiCubes mesh with vertex colours (post-processed like TRELLIS's
+  ``to_glb`` unless told otherwise) and the Gaussians ``{name}.ply``; without, stage 1's marching-cubes mesh.
+  Always the stage-1 latent ``{name}_ss_latent.npy`` (1, C, R, R, R) float32 and the voxel coordinates
   ``{name}_coords.npy`` (N, 4) int32 rows (batch=0, x, y, z) in argwhere order: TRELLIS's layout, so its
-  PyTorch stage 2 finishes a textured asset from them::
+  PyTorch stage 2 can finish a textured asset from them too::
 
       coords = torch.from_numpy(np.load("x_000_coords.npy")).int().cuda()
       cond = pipeline.get_cond([pipeline.preprocess_image(image)])
       mesh_and_gaussians = pipeline.decode_slat(pipeline.sample_slat(cond, coords), ["mesh", "gaussian"])
 
 * :func:`generate_dataset` (``scripts/generate_data.py``): DSO's training data (``dso.md`` §2): K latents
-  per image with seeds 0..K-1, SS 12 steps CFG 7.5, angles from ``dso_jax.physics``, the DINOv2 condition;
+  per image with seeds 0..K-1, SS 12 steps CFG 7.5, angles from ``dso_jax.physics`` (labels ``occupancy``: MJX on
+  the stage-1 occupancy; ``mesh``: DSO's recipe, MJX's mesh path on each latent's final post-processed stage-2
+  mesh, prepared as DSO's label script prepares its GLB), the DINOv2 condition;
   one work file per finished image (``dso_jax.data.generated``; resume skips those), then the
   ``dso_jax.data.tfds_dso`` dataset in the output directory (``data.path`` for training).
 * :func:`generate_eval` (``scripts/generate_eval.py``): one mesh per image (seed 1 = DSO's ``bid + 1``) with
@@ -22,7 +26,6 @@ goes on. Every job records its settings on the first run and refuses to resume i
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
@@ -33,17 +36,30 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from dso_jax import cli, mesh_export, sampling
+from dso_jax import final_mesh, gaussians, mesh_export, mesh_postprocess
 from dso_jax.convert.files import write_json
 from dso_jax.convert.rules import sha256_file
 from dso_jax.data import generated
-from dso_jax.data.images import load_images, parse_color
+from dso_jax.data.images import load_images
 from dso_jax.models import pretrained
-from dso_jax.pipeline import IMAGES_PER_BATCH, Generator, load_noise, noise_for_seeds
+from dso_jax.pipeline import Generator, Stage2, load_noise, noise_for_seeds
 
 DSO_DATA_SAMPLES = 4  # DSO's data: K latents per image, seeds 0..K-1
 DSO_EVAL_SEED = 1  # DSO's finetune.py --eval: one model per image with seed bid + 1
 NONFINITE = "non-finite sample: the stage-1 latent has NaN/Inf values (check the weights and the LoRA)"
+EMPTY = "empty occupancy: stage 1 occupied no voxel, nothing for stage 2"
+LABELS = ("occupancy", "mesh")  # generate_data --labels: MJX on the occupancy (fast) or on the final mesh (DSO)
+
+
+def _stage2_settings(stage2: Optional[Stage2], post) -> dict:
+    if stage2 is None:
+        return dict(stage=1)
+    return dict(
+        stage=2,
+        stage2_sampler=dataclasses.asdict(stage2.sampler),
+        stage2_models=stage2.models.source,
+        postprocess=dataclasses.asdict(post) if post is not None else None,
+    )
 
 
 def output_names(paths: Sequence[str], naming_level: int = 1) -> list[str]:
@@ -124,9 +140,12 @@ def sample_images(
     noise: Optional[np.ndarray] = None,
     background=None,
     smooth_iterations: int = mesh_export.SMOOTH_ITERATIONS,
+    stage2: Optional[Stage2] = None,
+    postprocess: Optional[mesh_postprocess.PostprocessSettings] = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Per image and sample k (seed ``seed + k``): ``{name}_{k:03d}.glb``, ``_ss_latent.npy``, ``_coords.npy``.
+    """Per image and sample k (seed ``seed + k``): ``{name}_{k:03d}.glb``, ``_ss_latent.npy``, ``_coords.npy`` and,
+    with ``stage2`` and its Gaussian decoder, ``.ply``. ``postprocess`` applies to stage 2's mesh (None: raw).
 
     Images whose files all exist are skipped (resume; ``OUT/settings.json`` must match). Writes
     ``OUT/failures.json`` ({image or output: reason}) and ``OUT/manifest.json``; returns the manifest.
@@ -136,6 +155,8 @@ def sample_images(
     noise = noise_for_seeds(seeds, gen.models.latent_shape) if noise is None else noise
     _make_out_dir(out_dir)
     suffix = dict(glb=".glb", latent="_ss_latent.npy", coords="_coords.npy")
+    if stage2 is not None and stage2.gaussians:
+        suffix["ply"] = ".ply"
     files = lambda name, k: {key: os.path.join(out_dir, f"{name}_{k:03d}{ext}") for key, ext in suffix.items()}  # noqa: E731
     done = {
         p
@@ -147,12 +168,31 @@ def sample_images(
     failures: dict = {}
     _check_settings(
         os.path.join(out_dir, "settings.json"),
-        dict(seeds=seeds, sampler=dataclasses.asdict(gen.sampler), models=gen.models.source),
+        dict(
+            seeds=seeds,
+            sampler=dataclasses.asdict(gen.sampler),
+            models=gen.models.source,
+            **_stage2_settings(stage2, postprocess),
+        ),
     )
     manifest = {"images": {}}
 
+    def write_asset(res, f, entry, key):
+        stats: dict = {}
+        mesh = final_mesh.final_mesh(res, postprocess, stats)
+        try:
+            mesh_export.write_colored_glb(mesh.vertices, mesh.faces, mesh.vertex_colors, f["glb"])
+            entry.update(faces=len(mesh.faces), **{f"mesh_{k}": v for k, v in stats.items()})
+        except ValueError as e:  # an empty mesh
+            failures[key] = str(e)
+            entry.pop("glb")
+        if "ply" in f:
+            gaussians.save_ply(f["ply"], res["gaussians"])
+
     def consume(ok, out):
         latents, occ, finite = (np.asarray(out[k]) for k in ("latents", "occupancy", "finite"))
+        cond = np.asarray(out["cond_f32"]) if stage2 is not None else None
+        jobs = []  # stage-2 work of this chunk: one batched call
         for i, path in enumerate(ok):
             entries = []
             for k in range(num_samples):
@@ -166,13 +206,23 @@ def sample_images(
                 _save_npy(f["latent"], latents[row][None])  # (1, C, R, R, R)
                 _save_npy(f["coords"], coords)
                 entry = dict(seed=seeds[k], voxels=len(coords), **{key: os.path.basename(v) for key, v in f.items()})
-                try:
-                    mesh_export.occupancy_to_glb(occ[row], f["glb"], smooth_iterations)
-                except mesh_export.EmptyOccupancyError as e:
-                    failures[f"{path} sample {k}"] = str(e)
-                    entry.pop("glb")
+                if stage2 is None:
+                    try:
+                        mesh_export.occupancy_to_glb(occ[row], f["glb"], smooth_iterations)
+                    except mesh_export.EmptyOccupancyError as e:
+                        failures[f"{path} sample {k}"] = str(e)
+                        entry.pop("glb")
+                elif not len(xyz):
+                    failures[f"{path} sample {k}"] = EMPTY
+                    entry.pop("glb"), entry.pop("ply", None)
+                else:
+                    jobs.append((xyz, cond[i], seeds[k], f, entry, f"{path} sample {k}"))
                 entries.append(entry)
             manifest["images"][path] = entries
+        if jobs:
+            results = stage2([j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs])
+            for (_, _, _, f, entry, key), res in zip(jobs, results):
+                write_asset(res, f, entry, key)
 
     with tqdm(total=len(paths), desc="sample", unit="img", dynamic_ncols=True) as bar:
         bar.update(len(done))
@@ -202,10 +252,13 @@ def generate_eval(
     seed: int = DSO_EVAL_SEED,
     num_samples: int = 1,
     background=None,
+    stage2: Optional[Stage2] = None,
+    postprocess: Optional[mesh_postprocess.PostprocessSettings] = mesh_postprocess.PostprocessSettings(),
     log: Callable[[str], None] = print,
 ) -> dict:
     """DSO's ``finetune.py --eval``: meshes ``{uid}-{view}_{k:03d}.glb`` under ``OUT/base`` and, with a LoRA,
-    ``OUT/lora`` (same seeds/noise). ``ids`` (object uids) filters the images only when given, and an
+    ``OUT/lora`` (same seeds/noise; the LoRA changes stage 1 only). With ``stage2`` they are the final meshes,
+    post-processed as DSO's ``to_glb(simplify=0.95, fill_holes=True)`` (``postprocess``); without, stage 1's. ``ids`` (object uids) filters the images only when given, and an
     empty result is an error (DSO applied its Objaverse id filter to every eval set, dropping all real images)."""
     paths = list(paths)
     if ids is not None:
@@ -238,6 +291,8 @@ def generate_eval(
             seed=seed,
             names=names,
             background=background,
+            stage2=stage2,
+            postprocess=postprocess,
             log=log,
         )
         for tag, g in runs.items()
@@ -271,12 +326,26 @@ def generate_dataset(
     seed: int = 0,
     noise_file: Optional[str] = None,
     background=None,
+    labels: str = "occupancy",
+    stage2: Optional[Stage2] = None,
+    postprocess: Optional[mesh_postprocess.PostprocessSettings] = mesh_postprocess.PostprocessSettings(),
+    build_dataset: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
     """DSO's data generation into ``out_dir`` (``objects/``, ``failures.json``, ``generation.json``,
-    ``summary.json`` and the TFDS dataset ``dso_pairs/``); resumable. Returns the summary."""
+    ``summary.json`` and the TFDS dataset ``dso_pairs/``); resumable. Returns the summary.
+
+    ``labels``: 'occupancy' simulates the stage-1 occupancy (fast); 'mesh' (needs ``stage2``) each latent's final
+    stage-2 mesh after ``postprocess`` (DSO's recipe: its labels come from ``to_glb(simplify=0.95,
+    fill_holes=True)`` meshes) with the Generator's physics config (``rollout.SIM_PRESETS['mesh']`` in the CLI).
+    ``build_dataset=False`` stops after the work files (no TFDS import; a later run over the same ``out_dir`` builds
+    it)."""
     if gen.physics is None:
         raise ValueError("generate_dataset needs a Generator built with physics=<sim config>")
+    if labels not in LABELS:
+        raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+    if labels == "mesh" and stage2 is None:
+        raise ValueError("labels='mesh' needs the stage-2 models (a Stage2)")
     noise = (  # checked before anything is written
         load_noise(noise_file, num_samples, gen.models.latent_shape)
         if noise_file
@@ -285,7 +354,14 @@ def generate_dataset(
     _make_out_dir(out_dir)
     work = os.path.join(out_dir, "objects")
     os.makedirs(work, exist_ok=True)
-    _check_settings(os.path.join(out_dir, "generation.json"), _settings(gen, num_samples, seed, noise_file))
+    settings = _settings(gen, num_samples, seed, noise_file)
+    settings.update(labels=labels, **(_stage2_settings(stage2, postprocess) if labels == "mesh" else {}))
+    _check_settings(os.path.join(out_dir, "generation.json"), settings)
+    simulate = None
+    if labels == "mesh":
+        from dso_jax.physics import rollout
+
+        simulate = jax.jit(rollout.make_simulator(gen.physics))  # one compile: every chunk has the same row count
     target = {
         p: os.path.join(work, obj, os.path.splitext(os.path.basename(p))[0] + ".npz")
         for p, obj in zip(paths, generated.object_ids(paths))
@@ -298,7 +374,9 @@ def generate_dataset(
     stats = dict(samples=0, stable=0, invalid=0, nonfinite=0)
 
     def consume(ok, out):
-        out = jax.device_get({key: v for key, v in out.items() if key != "occupancy"})
+        if labels == "mesh":
+            out = dict(out, **_mesh_labels(ok, out))
+        out = jax.device_get({key: v for key, v in out.items() if key not in ("occupancy", "cond_f32")})
         k = num_samples
         for i, path in enumerate(ok):
             rows = slice(i * k, (i + 1) * k)
@@ -321,12 +399,32 @@ def generate_dataset(
             stats["nonfinite"] += int(k - np.sum(finite))
         bar.set_postfix(stable=f"{stats['stable'] / max(stats['samples'], 1):.2f}")
 
+    def _mesh_labels(ok, out):  # the chunk's final meshes -> angle / stable / valid per row
+        occ, finite, cond = (np.asarray(out[key]) for key in ("occupancy", "finite", "cond_f32"))
+        rows = len(ok) * num_samples
+        meshes = [None] * rows
+        todo_rows = [r for r in range(rows) if finite[r] and occ[r].any()]
+        if todo_rows:
+            res = stage2(
+                [np.argwhere(occ[r]).astype(np.int32) for r in todo_rows],
+                [cond[r // num_samples] for r in todo_rows],
+                [seed + r % num_samples for r in todo_rows],
+            )
+            for r, x in zip(todo_rows, res):
+                meshes[r] = final_mesh.final_mesh(x, postprocess)
+        empty = mesh_postprocess.MeshArrays(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64), np.zeros((0, 3)))
+        pad = gen.images_per_batch * num_samples  # one simulate shape for every chunk
+        verdicts = final_mesh.mesh_verdicts(
+            [m if m is not None else empty for m in meshes] + [empty] * (pad - rows), gen.physics, simulate
+        )
+        return {key: v[:rows] for key, v in verdicts.items()}
+
     with tqdm(total=len(paths), desc="generate", unit="img", dynamic_ncols=True) as bar:
         bar.update(len(paths) - len(todo))
-        _pipelined(gen, todo, noise, dict(background=background), True, consume, failures, bar)
+        _pipelined(gen, todo, noise, dict(background=background), labels == "occupancy", consume, failures, bar)
     write_json(os.path.join(out_dir, "failures.json"), failures, sort_keys=True)
     dataset, objects = None, 0
-    if next(generated.dataset_records(work), None) is not None:  # TFDS cannot write an empty split
+    if build_dataset and next(generated.dataset_records(work), None) is not None:  # TFDS can't write an empty split
         from dso_jax.data import tfds_dso
 
         dataset = generated.build_tfds(out_dir, work, num_models_per_image=num_samples)
@@ -349,76 +447,7 @@ def generate_dataset(
         f"generate: {summary['generated']} images generated, {summary['skipped_done']} already done, "
         f"{summary['failed']} failed; {summary['samples']} samples this run ({summary['stable']} stable, "
         f"{summary['invalid']} invalid, of which {summary['nonfinite']} non-finite); "
-        f"dataset {dataset or 'not written (no usable sample)'} ({objects} objects)"
+        f"dataset {dataset or ('not written (no usable sample)' if build_dataset else 'not built')} ({objects} objects)"
     )
     _log_failures(log, failures)
     return summary
-
-
-# ---------------------------------------------------------------------------------------------- CLI glue
-
-
-def add_model_args(ap) -> None:
-    """The model / sampler flags shared by ``scripts/{sample,generate_data,generate_eval}.py``."""
-    s = sampling.DSO_STAGE1
-    ap.add_argument("--flow", default="", help="SS flow: converted folder or TRELLIS prefix (.../ckpts/NAME)")
-    ap.add_argument("--decoder", default="", help="SS decoder: converted folder or TRELLIS prefix")
-    ap.add_argument("--dinov2", default="", help="DINOv2: converted folder (scripts/convert_dinov2.py) or the hub .pth")
-    ap.add_argument(
-        "--random_weights",
-        default=None,
-        choices=sorted(pretrained.RANDOM_PRESETS),
-        help="random weights of this preset for the models without a path (demos, benchmarks)",
-    )
-    ap.add_argument("--weights_seed", type=cli.non_negative_int, default=0, help="seed of --random_weights")
-    ap.add_argument("--steps", type=cli.positive_int, default=s.steps)
-    ap.add_argument("--cfg_strength", type=cli.non_negative_float, default=s.cfg_strength)
-    ap.add_argument("--cfg_interval", type=cli.non_negative_float, nargs=2, default=list(s.cfg_interval))
-    ap.add_argument("--rescale_t", type=cli.positive_float, default=s.rescale_t)
-    ap.add_argument("--batch_images", type=cli.positive_int, default=IMAGES_PER_BATCH, help="images per device batch")
-    ap.add_argument("--dinov2_dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument(
-        "--background",
-        default=None,
-        type=_color,
-        help="RGB images without alpha: background colour to key out (R,G,B)",
-    )
-
-
-def _color(text: str):
-    try:
-        return parse_color(text)
-    except ValueError as e:  # argparse shows an ArgumentTypeError's own message
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def add_lora_args(ap, help: str) -> None:
-    """``--lora FILE`` and ``--lora_alpha`` (default: the file's own alpha, else DSO's 128)."""
-    ap.add_argument("--lora", default="", help=help)
-    ap.add_argument(
-        "--lora_alpha",
-        type=cli.positive_float,
-        default=None,
-        help="LoRA alpha; default: the file's (safetensors metadata or adapter_config.json beside it), else DSO's 128",
-    )
-
-
-def generator_from_args(
-    args, physics=None, lora: Optional[str] = None, lora_alpha: Optional[float] = None
-) -> Generator:
-    lo, hi = args.cfg_interval
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"--cfg_interval {lo:g} {hi:g}: expected 0 <= LO <= HI <= 1 (on the rescaled time)")
-    models = pretrained.load_models(
-        args.flow or None,
-        args.decoder or None,
-        args.dinov2 or None,
-        random_weights=args.random_weights,
-        seed=args.weights_seed,
-    )
-    if lora:
-        models = pretrained.with_lora(models, lora, lora_alpha)
-    sampler = sampling.SamplerSettings(args.steps, args.cfg_strength, (lo, hi), args.rescale_t)
-    return Generator(
-        models, sampler, images_per_batch=args.batch_images, dinov2_dtype=args.dinov2_dtype, physics=physics
-    )

@@ -1,12 +1,12 @@
-"""Occupancy grid -> closed triangle mesh -> GLB, in TRELLIS's unit-cube frame.
+"""Meshes -> GLB in TRELLIS's unit-cube frame: stage 1's occupancy (marching cubes) and stage 2's final mesh.
 
 A stage-1 occupancy (D, D, D) has axes (x, y, z) of TRELLIS's native z-up frame; voxel i has its centre at
 ``(i + 0.5) / D - 0.5`` (``trellis.md`` §1.5). The mesh is the ~0.5 iso-surface of the occupancy padded
 by one empty voxel on every side (so it is closed), extracted with scikit-image's marching cubes
 (Lewiner), then lightly smoothed with trimesh's Taubin filter (shrink-free, keeps the topology).
 The GLB is written y-up like TRELLIS's ``to_glb``: ``(x, y, z) -> (x, z, -y)``, a proper rotation, so
-face winding (outward normals) is kept. This is stage 1's geometry only: TRELLIS's textured mesh comes
-from stage 2, which can be run from the latent / coords that ``dso_jax.generate`` writes beside the GLB.
+face winding (outward normals) is kept. Stage 2's FlexiCubes mesh (``dso_jax.mesh_extract``, optionally
+``dso_jax.mesh_postprocess``) is written the same way with its vertex colours (:func:`write_colored_glb`).
 """
 
 from __future__ import annotations
@@ -76,5 +76,18 @@ def write_glb(mesh_z_up: trimesh.Trimesh, path: str) -> str:
 def occupancy_to_glb(occ, path: str, smooth_iterations: int = SMOOTH_ITERATIONS) -> trimesh.Trimesh:
     """Mesh ``occ`` and write it to ``path`` as a y-up GLB; returns the native z-up mesh."""
     mesh = occupancy_to_mesh(occ, smooth_iterations)
+    write_glb(mesh, path)
+    return mesh
+
+
+def write_colored_glb(vertices, faces, vertex_colors, path: str) -> trimesh.Trimesh:
+    """A native z-up mesh with per-vertex RGB in [0, 1] -> a y-up GLB with a COLOR_0 attribute (atomically); returns
+    the z-up trimesh. Raises ``ValueError`` for a mesh without faces."""
+    faces = np.asarray(faces)
+    if faces.size == 0:
+        raise ValueError("empty mesh: stage 2 found no surface (every FlexiCubes SDF has one sign)")
+    rgb = np.clip(np.round(np.asarray(vertex_colors, np.float64) * 255), 0, 255).astype(np.uint8)
+    rgba = np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
+    mesh = trimesh.Trimesh(np.asarray(vertices, np.float64), faces, vertex_colors=rgba, process=False)
     write_glb(mesh, path)
     return mesh

@@ -283,11 +283,22 @@ def extract_mesh(xyz, feats, res: int = MESH_RES) -> Mesh:
     return Mesh(vertices, faces.astype(np.int64), colors)
 
 
-def flexicubes(coords, feats, res: int = MESH_RES, num_objects: int | None = None) -> list[Mesh]:
-    """Meshes for a batch in TRELLIS's ``SparseTensor`` layout: ``coords`` (M, 4) int rows [batch, x, y, z],
-    ``feats`` (M, 101) mesh-decoder outputs. Returns one :class:`Mesh` per batch index 0..num_objects−1
-    (default: the largest index + 1); an object without voxels or without a surface gets an empty mesh.
+def flexicubes(coords, feats=None, res: int = MESH_RES, num_objects: int | None = None) -> list[Mesh]:
+    """Meshes for a batch: the mesh decoder's output ``SparseBatch`` (``flexicubes(raw)``: its rows, grid resolution
+    and object count), or TRELLIS's ``SparseTensor`` layout: ``coords`` (M, 4) int rows [batch, x, y, z], ``feats``
+    (M, 101) mesh-decoder outputs. Returns one :class:`Mesh` per object (batch index 0..num_objects−1, default
+    the largest index + 1); an object without voxels or without a surface gets an empty mesh.
     """
+    from dso_jax.sparse.batch import SparseBatch, to_trellis
+
+    if isinstance(coords, SparseBatch):
+        if feats is not None:
+            raise TypeError("flexicubes(raw: SparseBatch) takes no separate feats")
+        raw = coords
+        coords, feats = to_trellis(raw)  # the valid rows, object by object
+        res, num_objects = raw.resolution, raw.batch_size
+    elif feats is None:
+        raise TypeError("flexicubes: pass a SparseBatch, or coords (M, 4) and feats (M, 101)")
     coords = np.asarray(coords)
     feats = np.asarray(feats)
     _validate(coords, feats, res, 4)

@@ -7,7 +7,9 @@
     python scripts/evaluate_geometry.py --mesh_paths "EVALOUT/lora/*.glb" --ground_truth_paths GT
 
 Writes EVALOUT/base/{uid}-{view}_{k:03d}.glb and, with --lora, EVALOUT/lora/... (uid = the image's folder,
-view = its stem), one model per image with seed 1 (DSO's bid + 1), SS 12 steps CFG 7.5. --ids (one uid per line)
+view = its stem), one model per image with seed 1 (DSO's bid + 1), SS 12 steps CFG 7.5, SLat 12 steps CFG 3: the
+final stage-2 mesh post-processed as DSO's to_glb(simplify=0.95, fill_holes=True) (--stage 1: the occupancy's
+mesh). The LoRA changes stage 1 only; pass the stage-2 models with --slat_flow / --mesh_decoder. --ids (one uid per line)
 filters images only when given; unlike DSO's script it is never applied implicitly to other eval sets.
 """
 
@@ -29,12 +31,13 @@ def read_ids(path: str) -> list[str]:
 
 def main(argv=None) -> int:
     from dso_jax import generate
+    from dso_jax import generate_args as flags
     from dso_jax.data.images import expand_images
 
     ap = cli.ArgumentParser(description=__doc__)
     ap.add_argument("--images", required=True, nargs="+", help="glob(s) of eval images (quote them)")
     ap.add_argument("--out", required=True)
-    generate.add_lora_args(ap, "peft LoRA safetensors (or peft folder); without it only OUT/base is written")
+    flags.add_lora_args(ap, "peft LoRA safetensors (or peft folder); without it only OUT/base is written")
     ap.add_argument("--ids", default="", help="file of object uids (one per line) to keep")
     ap.add_argument("--num_samples", type=cli.positive_int, default=1, help="models per image (DSO: 1)")
     ap.add_argument(
@@ -43,12 +46,15 @@ def main(argv=None) -> int:
         default=generate.DSO_EVAL_SEED,
         help="sample k uses seed S + k (DSO: bid + 1)",
     )
-    generate.add_model_args(ap)
+    flags.add_model_args(ap)
+    flags.add_stage2_args(ap)
     args = ap.parse_args(argv)
 
     paths = expand_images(args.images)
     ids = read_ids(args.ids) if args.ids else None
-    gen = generate.generator_from_args(args)
+    post = flags.postprocess_from_args(args) if args.stage == 2 else None
+    gen = flags.generator_from_args(args)
+    stage2 = flags.stage2_from_args(args) if args.stage == 2 else None
     generate.generate_eval(
         gen,
         paths,
@@ -59,6 +65,8 @@ def main(argv=None) -> int:
         seed=args.seed,
         num_samples=args.num_samples,
         background=args.background,
+        stage2=stage2,
+        postprocess=post,
     )
     return 0
 

@@ -2,11 +2,11 @@
 
 As a script, writes a TRELLIS model folder like the released one (``pipeline.json`` +
 ``ckpts/ss_flow_img_dit_L_16l8_fp16.{json,safetensors}`` + ``ckpts/ss_dec_conv3d_16l8_fp16.{json,safetensors}``,
-and with ``--slat`` ``ckpts/slat_flow_img_dit_L_64l8p2_fp16.{json,safetensors}``)::
+and with ``--slat`` stage 2: ``ckpts/slat_flow_img_dit_L_64l8p2_fp16`` and the mesh / Gaussian decoders)::
 
     python tests/helpers_trellis.py --out DIR              # tiny args (tests)
     python tests/helpers_trellis.py --out DIR --released   # the exact released architectures (~1.3 GB)
-    python tests/helpers_trellis.py --out DIR --released --slat   # + the released SLat flow (~1.2 GB more)
+    python tests/helpers_trellis.py --out DIR --released --slat   # + the released stage 2 (~1.6 GB more)
 
 Names, shapes and dtypes come from the key tables in ``dso_jax.convert.trellis`` (fp16 block
 Linears / torso Convs, fp32 elsewhere); the ``pos_emb`` buffer is computed here from the reference
@@ -67,7 +67,19 @@ TINY_SLAT_ARGS = dict(
     use_fp16=True,
 )
 
-# trellis.md §1.1 (pipeline.json); the stage-2 decoders are listed but not written here.
+MESH_DECODER_NAME, GS_DECODER_NAME = trellis_slat.SLAT_MESH_DECODER_NAME, trellis_slat.SLAT_GS_DECODER_NAME
+RELEASED_MESH_DECODER_ARGS = trellis_slat.RELEASED_SLAT_MESH_DECODER_ARGS
+RELEASED_GS_DECODER_ARGS = trellis_slat.RELEASED_SLAT_GS_DECODER_ARGS
+# The released decoders at toy size: a 16³ grid (the mesh decoder's output at 64³), 4³ windows (shift 2), 2 blocks,
+# 256 channels (the least with 32 GroupNorm groups on C / 8), 4 heads; the Gaussian decoder keeps 32 Gaussians.
+TINY_MESH_DECODER_ARGS = dict(
+    RELEASED_MESH_DECODER_ARGS, resolution=16, model_channels=256, num_blocks=2, num_heads=4, window_size=4
+)
+TINY_GS_DECODER_ARGS = dict(
+    RELEASED_GS_DECODER_ARGS, resolution=16, model_channels=64, num_blocks=2, num_heads=4, window_size=4
+)
+
+# trellis.md §1.1 (pipeline.json); the radiance-field decoder is listed but never written here.
 PIPELINE = {
     "name": "TrellisImageTo3DPipeline",
     "args": {
@@ -126,13 +138,30 @@ def reference_pos_emb(resolution: int, channels: int) -> np.ndarray:
     return np.pad(emb, ((0, 0), (0, channels - 6 * f))).astype(np.float32)
 
 
+def reference_offset_perturbation(num_gaussians: int, voxel_size: float) -> np.ndarray:
+    """trellis.md §4.6 in float32: atanh((hammersley * 2 - 1) / voxel_size), hammersley_i = (i / G, phi_2(i), phi_3(i))."""
+
+    def phi(base, i):
+        out, f = 0.0, 1.0 / base
+        while i:
+            i, d = divmod(i, base)
+            out, f = out + d * f, f / base
+        return out
+
+    h = np.array([[i / num_gaussians, phi(2, i), phi(3, i)] for i in range(num_gaussians)], np.float32)
+    return np.arctanh((h * 2 - 1) / np.float32(voxel_size)).astype(np.float32)
+
+
 def random_state_dict(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
     """A state dict of the json ``config`` with random values, stored at the released dtypes."""
     rng = np.random.default_rng(seed)
     out = {}
     for e in trellis.key_table(config):
         leaf = e.torch_key.rsplit(".", 1)[-1]
-        if e.kind == BUFFER:  # pos_emb
+        if e.kind == BUFFER and e.torch_key == "offset_perturbation":  # the Gaussian decoder's
+            rep = config["args"]["representation_config"]
+            w = reference_offset_perturbation(rep["num_gaussians"], rep["voxel_size"])
+        elif e.kind == BUFFER:  # pos_emb
             a = trellis.full_args(config["name"], config["args"])
             w = reference_pos_emb(a["resolution"] // a["patch_size"], a["model_channels"])
         elif leaf == "weight" and e.kind in ("linear", "conv3d", "spconv"):
@@ -178,6 +207,23 @@ def slat_pair(args: dict, seed: int = 0):
     return make_apply_fn(module), params, twin
 
 
+def decoder_pair(name: str, args: dict, seed: int = 0):
+    """(Flax apply_fn, converted params, float32 PyTorch twin) of a SLat decoder on random released-dtype weights."""
+    import torch
+    from twins import slat_decoder_twin as dt
+
+    from dso_jax.models.pretrained import buffers_of, make_apply_fn, model_from_config
+
+    config = {"name": name, "args": dict(args)}
+    sd = random_state_dict(config, seed)
+    module = model_from_config(config["name"], config["args"])
+    params = trellis.convert_state_dict(sd, config, buffers=buffers_of(module))
+    cls = dt.SLatMeshDecoder if name == trellis_slat.SLAT_MESH_DECODER else dt.SLatGaussianDecoder
+    twin = cls(**{**args, "use_fp16": False})
+    twin.load_state_dict({k: torch.from_numpy(v).float() for k, v in sd.items()}, strict=True)
+    return make_apply_fn(module), params, twin
+
+
 def write_checkpoint(prefix: str, config: dict, state_dict: dict) -> str:
     from safetensors.numpy import save_file
 
@@ -194,9 +240,11 @@ def write_trellis_folder(
     decoder_args: dict = TINY_DECODER_ARGS,
     seed: int = 0,
     slat_args: dict | None = None,
+    mesh_decoder_args: dict | None = None,
+    gs_decoder_args: dict | None = None,
 ) -> dict[str, str]:
-    """Write ``out/pipeline.json``, both stage-1 checkpoints and (given ``slat_args``) the SLat flow; returns
-    {model name: prefix}."""
+    """Write ``out/pipeline.json``, both stage-1 checkpoints and (given their args) the SLat flow and decoders;
+    returns {model name: prefix}."""
     os.makedirs(os.path.join(out, "ckpts"), exist_ok=True)
     with open(os.path.join(out, "pipeline.json"), "w") as f:
         json.dump(PIPELINE, f, indent=4)
@@ -210,6 +258,16 @@ def write_trellis_folder(
         config = {"name": trellis_slat.SLAT_FLOW, "args": dict(slat_args)}
         prefix = os.path.join(out, "ckpts", SLAT_NAME)
         prefixes[SLAT_NAME] = write_checkpoint(prefix, config, random_state_dict(config, seed + 2))
+    for i, (name, cls, args) in enumerate(
+        (
+            (MESH_DECODER_NAME, trellis_slat.SLAT_MESH_DECODER, mesh_decoder_args),
+            (GS_DECODER_NAME, trellis_slat.SLAT_GS_DECODER, gs_decoder_args),
+        )
+    ):
+        if args is not None:
+            config = {"name": cls, "args": dict(args)}
+            prefix = os.path.join(out, "ckpts", name)
+            prefixes[name] = write_checkpoint(prefix, config, random_state_dict(config, seed + 3 + i))
     return prefixes
 
 
@@ -217,12 +275,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Write a TRELLIS-format folder of random checkpoints.")
     ap.add_argument("--out", required=True)
     ap.add_argument("--released", action="store_true", help="the released architectures (default: tiny)")
-    ap.add_argument("--slat", action="store_true", help="also write the stage-2 SLat flow checkpoint")
+    ap.add_argument("--slat", action="store_true", help="also write the stage-2 checkpoints (SLat flow, decoders)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     flow, dec = (RELEASED_FLOW_ARGS, RELEASED_DECODER_ARGS) if args.released else (TINY_FLOW_ARGS, TINY_DECODER_ARGS)
-    slat = (RELEASED_SLAT_ARGS if args.released else TINY_SLAT_ARGS) if args.slat else None
-    for prefix in write_trellis_folder(args.out, flow, dec, args.seed, slat_args=slat).values():
+    stage2 = (RELEASED_SLAT_ARGS, RELEASED_MESH_DECODER_ARGS, RELEASED_GS_DECODER_ARGS)
+    stage2 = stage2 if args.released else (TINY_SLAT_ARGS, TINY_MESH_DECODER_ARGS, TINY_GS_DECODER_ARGS)
+    slat, mesh, gs = stage2 if args.slat else (None, None, None)
+    prefixes = write_trellis_folder(
+        args.out, flow, dec, args.seed, slat_args=slat, mesh_decoder_args=mesh, gs_decoder_args=gs
+    )
+    for prefix in prefixes.values():
         size = os.path.getsize(prefix + ".safetensors")
         print(f"wrote {prefix}.{{json,safetensors}} ({size:,} bytes)")
     return 0
@@ -230,3 +293,13 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def assert_parity(out, ref, rel):
+    """``out`` matches ``ref`` within ``rel`` x the reference's largest magnitude (which must not be degenerate)."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    err, scale = np.max(np.abs(out - ref)), np.max(np.abs(ref))
+    assert scale > 0.1, f"degenerate reference output (max |y| = {scale})"
+    print(f"parity: max abs err {err:.3g}, scale {scale:.3g}, ratio {err / scale:.3g}")
+    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x output scale {scale:.3g} (ratio {err / scale:.3g})"

@@ -24,6 +24,7 @@ from dso_jax.models import pretrained
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FAST = ["--random_weights", "tiny", "--steps", "2", "--batch_images", "2"]
+STAGE1 = [*FAST, "--stage", "1"]  # these specs are stage 1's (tests/test_pipeline_stage2.py has stage 2)
 
 
 def _script(name):
@@ -66,7 +67,7 @@ def sampled(tmp_path_factory):
     d = tmp_path_factory.mktemp("sample")
     image = _rgba(str(d / "in" / "chair.png"))
     out = str(d / "base")
-    _script("sample")(["--image", image, "--out", out, "--num_samples", "2", *FAST])
+    _script("sample")(["--image", image, "--out", out, "--num_samples", "2", *STAGE1])
     return image, out
 
 
@@ -110,7 +111,7 @@ def test_lora_changes_the_samples_and_is_recorded(sampled, peft_file, tmp_path):
     image, base_out = sampled
     out = str(tmp_path / "lora")
     _script("sample")(
-        ["--image", image, "--out", out, "--num_samples", "2", "--lora", peft_file, "--lora_alpha", "8", *FAST]
+        ["--image", image, "--out", out, "--num_samples", "2", "--lora", peft_file, "--lora_alpha", "8", *STAGE1]
     )
     for k in range(2):
         a = np.load(os.path.join(base_out, f"chair_{k:03d}_ss_latent.npy"))
@@ -118,13 +119,13 @@ def test_lora_changes_the_samples_and_is_recorded(sampled, peft_file, tmp_path):
         assert np.abs(a - b).max() > 1e-3
     assert _json(os.path.join(out, "settings.json"))["models"]["lora_alpha"] == 8.0
     with pytest.raises(ValueError, match="settings differ.*models"):  # resume into a folder of another model
-        _script("sample")(["--image", image, "--out", base_out, "--num_samples", "2", "--lora", peft_file, *FAST])
+        _script("sample")(["--image", image, "--out", base_out, "--num_samples", "2", "--lora", peft_file, *STAGE1])
 
 
 def test_sample_skips_finished_images_and_rejects_name_clashes(sampled, tmp_path, capsys):
     image, out = sampled
     before = os.path.getmtime(os.path.join(out, "chair_000.glb"))
-    _script("sample")(["--image", image, "--out", out, "--num_samples", "2", *FAST])
+    _script("sample")(["--image", image, "--out", out, "--num_samples", "2", *STAGE1])
     assert "0 images generated, 1 already done" in capsys.readouterr().out
     assert os.path.getmtime(os.path.join(out, "chair_000.glb")) == before
     twins = [_rgba(str(tmp_path / d / "0.png")) for d in ("a", "b")]
@@ -138,7 +139,7 @@ def test_a_noise_file_reproduces_the_seeded_run(sampled, tmp_path):
     noise = str(tmp_path / "noise.npy")
     np.save(noise, pipeline.noise_for_seeds([0, 1], (8, 16, 16, 16)))  # what --seed 0 draws
     out = str(tmp_path / "from_file")
-    _script("sample")(["--image", image, "--out", out, "--num_samples", "2", "--noise_file", noise, *FAST])
+    _script("sample")(["--image", image, "--out", out, "--num_samples", "2", "--noise_file", noise, *STAGE1])
     for k in range(2):
         np.testing.assert_array_equal(
             np.load(os.path.join(out, f"chair_{k:03d}_ss_latent.npy")),
@@ -269,7 +270,7 @@ def test_generate_eval_names_meshes_for_the_evaluators_with_and_without_lora(tmp
             "8",
             "--ids",
             str(ids),
-            *FAST,
+            *STAGE1,
         ]
     )
     for tag in ("base", "lora"):
@@ -277,14 +278,16 @@ def test_generate_eval_names_meshes_for_the_evaluators_with_and_without_lora(tmp
     assert _json(out / "base" / "settings.json")["seeds"] == [1]  # DSO: seed = bid + 1
     ids.write_text("objaverse_only\n")
     with pytest.raises(ValueError, match="matches none"):
-        _script("generate_eval")(["--images", str(images / "*" / "*.png"), "--out", str(out), "--ids", str(ids), *FAST])
+        _script("generate_eval")(
+            ["--images", str(images / "*" / "*.png"), "--out", str(out), "--ids", str(ids), *STAGE1]
+        )
 
 
 def test_a_lora_file_brings_its_own_alpha(sampled, peft_file, tmp_path):
     image, _ = sampled
     runs = {"explicit": ["--lora_alpha", "8"], "from_file": []}  # the file's metadata says alpha 8 (rank 4)
     for name, extra in runs.items():
-        argv = ["--image", image, "--out", str(tmp_path / name), "--lora", peft_file, *extra, *FAST]
+        argv = ["--image", image, "--out", str(tmp_path / name), "--lora", peft_file, *extra, *STAGE1]
         _script("sample")(argv)
     np.testing.assert_array_equal(
         np.load(tmp_path / "explicit" / "chair_000_ss_latent.npy"),
@@ -304,7 +307,7 @@ def test_a_non_finite_sample_is_reported_as_such(sampled, tmp_path):
     path = str(tmp_path / "huge.safetensors")
     peft.save_peft(path, models.flow_params, huge, full_state_dict=False)
     out = tmp_path / "out"
-    rc, stdout, _ = run_script("sample", ["--image", image, "--out", out, "--lora", path, *FAST])
+    rc, stdout, _ = run_script("sample", ["--image", image, "--out", out, "--lora", path, *STAGE1])
     assert rc == 0
     failures = _json(out / "failures.json")
     assert failures == {f"{image} sample 0": generate.NONFINITE}
@@ -320,6 +323,6 @@ def test_a_full_disk_is_one_line(sampled, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", path + ".tmp")
 
     monkeypatch.setattr(generate, "_save_npy", full)
-    rc, _, err = run_script("sample", ["--image", image, "--out", tmp_path / "o", *FAST])
+    rc, _, err = run_script("sample", ["--image", image, "--out", tmp_path / "o", *STAGE1])
     assert rc == 2 and "no space left on the device writing " in error_line(err)
     assert "chair_000_ss_latent.npy.tmp" in error_line(err)

@@ -17,6 +17,7 @@ from dso_jax.convert import peft, trellis
 from dso_jax.models import pretrained
 
 FAST = ["--random_weights", "tiny", "--steps", "2", "--batch_images", "2"]
+STAGE1 = [*FAST, "--stage", "1"]  # these specs are stage 1's (tests/test_pipeline_stage2.py has stage 2)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def _unwritable_dir(tmp_path):
 
 def _cases(d, files):
     img = str(d / "obj.png")
-    base = ["--image", img, "--out", str(d / "out"), *FAST]
+    base = ["--image", img, "--out", str(d / "out"), *STAGE1]
     lora_line = {
         "good": None,
         "architecture": "shape mismatch at blocks.0.cross_attn.to_kv: lora_A (4, 32), lora_B (128, 4)",
@@ -94,7 +95,7 @@ def _cases(d, files):
         {
             "lora_missing": (["--lora", str(d / "none.safetensors"), *base], "none.safetensors: no such LoRA file"),
             "lora_alpha": (["--lora", files["good"], "--lora_alpha", "-1", *base], "argument --lora_alpha"),
-            "no_images": (["--image", str(d / "*.jpg"), "--out", str(d / "o"), *FAST], "no image files match"),
+            "no_images": (["--image", str(d / "*.jpg"), "--out", str(d / "o"), *STAGE1], "no image files match"),
             "num_samples": ([*base, "--num_samples", "0"], "argument --num_samples: expected a positive integer"),
             "steps": ([*base, "--steps", "two"], "argument --steps: expected a positive integer, got 'two'"),
             "interval": ([*base, "--cfg_interval", "0.9", "0.2"], "--cfg_interval 0.9 0.2: expected 0 <= LO <= HI"),
@@ -114,7 +115,7 @@ def _cases(d, files):
             "noise_pickle": ([*base, "--noise_file", str(d / "noise_obj.npy")], "noise_obj.npy: not a readable .npy"),
             "noise_npz": ([*base, "--noise_file", str(d / "noise.npz")], "noise.npz: an .npz archive"),
             "noise_text": ([*base, "--noise_file", str(d / "noise_text.npy")], "noise_text.npy: not a readable .npy"),
-            "out_is_a_file": (["--image", img, "--out", str(d / "afile"), *FAST], "afile: exists and is a file"),
+            "out_is_a_file": (["--image", img, "--out", str(d / "afile"), *STAGE1], "afile: exists and is a file"),
         }
     )
     return cases
@@ -157,7 +158,7 @@ def test_sample_bad_input_is_one_line(world, case):
 
 def test_sample_to_an_unwritable_folder_is_one_line(world, tmp_path):
     d, _ = world
-    rc, _, err = run_script("sample", ["--image", str(d / "obj.png"), "--out", _unwritable_dir(tmp_path), *FAST])
+    rc, _, err = run_script("sample", ["--image", str(d / "obj.png"), "--out", _unwritable_dir(tmp_path), *STAGE1])
     line = error_line(err)
     assert rc == 2 and ("dso_jax_test_out" in line or "ro/out" in line), err
 
@@ -177,7 +178,7 @@ def test_generate_data_bad_sim_flags_and_noise_are_one_line(world):
 
 def test_generate_eval_bad_ids_are_one_line(world):
     d, files = world
-    base = ["--images", str(d / "obj.png"), "--out", str(d / "eval"), *FAST]
+    base = ["--images", str(d / "obj.png"), "--out", str(d / "eval"), *STAGE1]
     cases = {
         "missing_ids.txt: No such file": [*base, "--ids", str(d / "missing_ids.txt")],
         "empty_ids.txt: lists no object ids": [*base, "--ids", str(d / "empty_ids.txt")],
@@ -195,5 +196,5 @@ def test_debug_flag_gives_the_traceback(world):
     with pytest.raises(ValueError, match="a pickled PyTorch file"):
         run_script(
             "sample",
-            ["--image", str(d / "obj.png"), "--out", str(d / "o"), "--lora", files["pickled"], *FAST, "--debug"],
+            ["--image", str(d / "obj.png"), "--out", str(d / "o"), "--lora", files["pickled"], *STAGE1, "--debug"],
         )

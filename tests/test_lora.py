@@ -19,6 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
+import helpers_trellis  # noqa: E402
 from helpers_trellis import RELEASED_FLOW_ARGS, TINY_FLOW_ARGS, random_state_dict, write_checkpoint  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from twins import trellis_twin as tw  # noqa: E402
@@ -35,11 +36,7 @@ REL = 1e-4
 
 
 def assert_parity(out, ref, rel=REL):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert out.shape == ref.shape
-    err, scale = np.max(np.abs(out - ref)), np.max(np.abs(ref))
-    assert scale > 0.1
-    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x output scale {scale:.3g}"
+    helpers_trellis.assert_parity(out, ref, rel)
 
 
 def peft_twin(state_dict, *, fp16=True, lora_b_seed=None):

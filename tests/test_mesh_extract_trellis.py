@@ -71,3 +71,28 @@ def test_torus_shell_matches_trellis():
     xyz = tf.shell_coords(tf.torus(), res, coarse=res // 4)
     feats = tf.sdf_features(tf.torus(), xyz, res, seed=1)
     _assert_same(mx.extract_mesh(xyz, feats, res), tf.trellis_mesher(TRELLIS_SRC, FC_SRC, res)(xyz, feats))
+
+
+@needs_both
+def test_flexicubes_of_the_mesh_decoder_output_matches_trellis():
+    """The SparseBatch adapter on a (tiny, random-weight) mesh decoder's own output, object by object, against
+    TRELLIS's SparseFeatures2Mesh at the decoder's output grid (16³ SLat -> 64³)."""
+    import jax
+    from helpers_trellis import TINY_MESH_DECODER_ARGS, decoder_pair
+
+    from dso_jax import sparse
+    from dso_jax.convert import trellis_slat
+    from dso_jax.models.slat_decoders import decoder_input
+
+    apply_fn, params, _ = decoder_pair(trellis_slat.SLAT_MESH_DECODER, TINY_MESH_DECODER_ARGS, seed=7)
+    coords = sparse.example_coords((260, 120), 16, seed=7)
+    feats = np.random.default_rng(7).standard_normal((len(coords), 8)).astype(np.float32)
+    raw = jax.jit(apply_fn)(params, decoder_input(coords, feats, quantum=256, **apply_fn.module.input_kwargs))
+    ours = mx.flexicubes(raw)
+    mesher = tf.trellis_mesher(TRELLIS_SRC, FC_SRC, raw.resolution)
+    rows, out = sparse.to_trellis(raw)
+    assert len(ours) == 2
+    for b in range(2):
+        sel = rows[:, 0] == b
+        assert len(ours[b].faces) > 0
+        _assert_same(ours[b], mesher(rows[sel, 1:].astype(np.int64), out[sel]))

@@ -9,6 +9,7 @@ widths (1024 channels, 16 heads, cond 1024) on an 8^3 token grid; the released 1
 
 import os
 
+import helpers_trellis  # noqa: E402
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,12 +38,7 @@ REL = 1e-5
 
 
 def assert_parity(out, ref, rel=REL):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    err, scale = np.max(np.abs(out - ref)), np.max(np.abs(ref))
-    assert scale > 0.1, f"degenerate reference output (max |y| = {scale})"
-    print(f"parity: max abs err {err:.3g}, scale {scale:.3g}, ratio {err / scale:.3g}")
-    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x output scale {scale:.3g} (ratio {err / scale:.3g})"
+    helpers_trellis.assert_parity(out, ref, rel)
 
 
 def rand(*shape, seed=0, scale=1.0):

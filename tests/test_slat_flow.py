@@ -9,6 +9,7 @@ a 64³ grid with ~2-3k voxels per object; ``DSO_JAX_SLOW_TESTS=1`` adds a larger
 
 import os
 
+import helpers_trellis  # noqa: E402
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,12 +29,7 @@ SLOW = os.environ.get("DSO_JAX_SLOW_TESTS") == "1"
 
 
 def assert_parity(out, ref, rel=REL):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    err, scale = np.max(np.abs(out - ref)), np.max(np.abs(ref))
-    assert scale > 0.1, f"degenerate reference output (max |y| = {scale})"
-    print(f"parity: max abs err {err:.3g}, scale {scale:.3g}, ratio {err / scale:.3g}")
-    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x output scale {scale:.3g}"
+    helpers_trellis.assert_parity(out, ref, rel)
 
 
 def slat_inputs(args, counts, cond_len=6, seed=0, quantum=256, coarse_quantum=64):

@@ -35,7 +35,7 @@ from dso_jax.convert.verify import ConversionError, diff_lines, is_float, raise_
 FLOW = "SparseStructureFlowModel"
 DECODER = "SparseStructureDecoder"
 STAGE1_ROLES = ("sparse_structure_flow_model", "sparse_structure_decoder")  # keys of pipeline.json args.models
-STAGE2_ROLES = ("slat_flow_model",)  # converted from a folder when their files are there (stage 1 alone is enough)
+STAGE2_ROLES = ("slat_flow_model", "slat_decoder_mesh", "slat_decoder_gs")  # converted when their files are there
 
 PARAMS_FILE, CONFIG_FILE, MANIFEST_FILE, PIPELINE_FILE = (
     "params.safetensors",
@@ -101,7 +101,7 @@ DECODER_ARGS = dict(
     norm_type="layer",
     use_fp16=False,
 )
-_REQUIRED_NONE_OK = {"num_heads", "io_block_channels"}  # default to None legitimately
+_REQUIRED_NONE_OK = {"num_heads", "io_block_channels", "representation_config"}  # default to None legitimately
 # The released stage-1 models' json args (TRELLIS-image-large ``ckpts/ss_flow_img_dit_L_16l8_fp16.json`` and
 # ``ckpts/ss_dec_conv3d_16l8_fp16.json``; trellis.md §2.1, §3.1): configs, random-weight presets and benches.
 RELEASED_FLOW_ARGS = dict(
@@ -130,6 +130,18 @@ def _models() -> dict:
     stage2 = {
         name: (trellis_slat.SLAT_FLOW_ARGS, trellis_slat.slat_flow_table) for name in trellis_slat.SLAT_FLOW_NAMES
     }
+    stage2.update(
+        {
+            n: (trellis_slat.SLAT_DECODER_ARGS, trellis_slat.slat_mesh_decoder_table)
+            for n in trellis_slat.SLAT_MESH_DECODER_NAMES
+        }
+    )
+    stage2.update(
+        {
+            n: (trellis_slat.SLAT_DECODER_ARGS, trellis_slat.slat_gs_decoder_table)
+            for n in trellis_slat.SLAT_GS_DECODER_NAMES
+        }
+    )
     return {FLOW: (FLOW_ARGS, ss_flow_table), DECODER: (DECODER_ARGS, ss_decoder_table), **stage2}
 
 

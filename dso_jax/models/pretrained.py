@@ -1,5 +1,5 @@
-"""Pretrained models: build from a json, convert, load (TRELLIS stage 1, the stage-2 SLat flow, DINOv2, LoRA), and
-the conversion CLI's work.
+"""Pretrained models: build from a json, convert, load (TRELLIS stage 1, the stage-2 SLat flow and decoders, DINOv2,
+LoRA), and the conversion CLI's work.
 
 ``load_pretrained(path)`` returns ``(apply_fn, params)``:
 
@@ -11,7 +11,9 @@ the conversion CLI's work.
   ``apply_fn(params, z)`` (decoder; z (B, 8, R, R, R) -> logits (B, 1, 4R, 4R, 4R)) or
   ``apply_fn(params, x, t, cond)`` (SLat flow; x a ``dso_jax.sparse.SparseBatch`` -> a SparseBatch of
   velocities on the same voxels; build x with ``sparse.from_trellis(coords, feats,
-  downsamples=apply_fn.module.downsamples)``) calls
+  downsamples=apply_fn.module.downsamples)``) or ``apply_fn(params, x)`` (SLat mesh / Gaussian decoder; x from
+  ``slat_decoders.decoder_input(coords, slat, **apply_fn.module.input_kwargs)`` -> a SparseBatch of the
+  ``out_layer`` features: 101 channels on the 256³ voxels / 448 on the input voxels) calls
   ``module.apply({'params': params}, ...)``. It is not jitted, so it composes into jitted samplers
   and train steps; ``jax.jit(apply_fn)`` works.
 
@@ -31,11 +33,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import FrozenDict
 
 from dso_jax import sparse
 from dso_jax.convert import files, peft, trellis, trellis_slat
 from dso_jax.convert.verify import ConversionError, check_finite, check_finite_and_deterministic, tree_diff
 from dso_jax.models import dinov2
+from dso_jax.models.slat_decoders import SLatGaussianDecoder, SLatMeshDecoder, decoder_input, offset_perturbation_of
 from dso_jax.models.slat_flow import SLatFlowModel
 from dso_jax.models.ss_decoder import SparseStructureDecoder
 from dso_jax.models.ss_flow import SparseStructureFlowModel
@@ -44,7 +48,10 @@ MODEL_CLASSES = {
     trellis.FLOW: SparseStructureFlowModel,
     trellis.DECODER: SparseStructureDecoder,
     **{name: SLatFlowModel for name in trellis_slat.SLAT_FLOW_NAMES},
+    **{name: SLatMeshDecoder for name in trellis_slat.SLAT_MESH_DECODER_NAMES},
+    **{name: SLatGaussianDecoder for name in trellis_slat.SLAT_GS_DECODER_NAMES},
 }
+SPARSE_MODELS = (SLatFlowModel, SLatMeshDecoder, SLatGaussianDecoder)  # SparseBatch in, SparseBatch out
 EXAMPLE_VOXELS = (300, 200)  # voxels per object of the SLat flow's example inputs (two objects for batch 2)
 
 
@@ -54,7 +61,10 @@ def model_from_config(name: str, args: Mapping[str, Any], dtype: Any = jnp.float
     if cls is None:
         raise ValueError(f"model_from_config: unknown model {name!r}; known: {sorted(MODEL_CLASSES)}")
     trellis.full_args(name, args, source=f"{name} args")  # names any unknown or missing arg
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    # Module fields must be hashable (jit / lru_cache keys): lists -> tuples, dicts (representation_config) frozen.
+    kwargs = {
+        k: tuple(v) if isinstance(v, list) else FrozenDict(v) if isinstance(v, Mapping) else v for k, v in args.items()
+    }
     return cls(**kwargs, dtype=jnp.dtype(dtype))
 
 
@@ -68,8 +78,14 @@ def default_dtype(name: str, args: Mapping[str, Any]) -> jnp.dtype:
 def example_inputs(
     module: nn.Module, *, batch: int = 1, cond_len: int = 8, latent_res: int = 16, seed: int = 0
 ) -> tuple:
-    """Random inputs in TRELLIS's layout: (x, t, cond) for the flow models, (z,) for the decoder."""
+    """Random inputs in TRELLIS's layout: (x, t, cond) for the flow models, (z,) for the decoder, (x,) for the SLat
+    decoders (a ``SparseBatch`` of small voxel shells)."""
     rng = np.random.default_rng(seed)
+    if isinstance(module, (SLatMeshDecoder, SLatGaussianDecoder)):
+        counts = [EXAMPLE_VOXELS[i % len(EXAMPLE_VOXELS)] for i in range(batch)]
+        coords = sparse.example_coords(counts, module.resolution, seed=seed)
+        feats = rng.standard_normal((len(coords), module.latent_channels), np.float32)
+        return (decoder_input(coords, feats, quantum=256, **module.input_kwargs),)
     if isinstance(module, SLatFlowModel):
         counts = [EXAMPLE_VOXELS[i % len(EXAMPLE_VOXELS)] for i in range(batch)]
         coords = sparse.example_coords(counts, module.resolution, seed=seed)
@@ -113,6 +129,8 @@ def buffers_of(module: nn.Module) -> dict[str, np.ndarray]:
     """Recomputed persistent buffers of the original (the 'ape' flow model's ``pos_emb``)."""
     if isinstance(module, SparseStructureFlowModel) and module.pe_mode == "ape":
         return {"pos_emb": module.pos_emb()}
+    if isinstance(module, SLatGaussianDecoder):
+        return {"offset_perturbation": offset_perturbation_of(module)}
     return {}
 
 
@@ -211,6 +229,11 @@ RANDOM_PRESETS = {
 }
 
 
+# The tiny random SS decoder's output bias: about 0.4% of the 64³ grid occupied (~1k voxels, a shell's count at CPU
+# size) instead of ~50% for a zero-mean bias, so that stage 2 runs on its structure on a CPU.
+RANDOM_OCCUPANCY_BIAS = {"tiny": -1.5}
+
+
 @dataclasses.dataclass
 class Models:
     """Stage-1 flow, decoder and DINOv2: apply functions (``.module`` attached) and float32 params."""
@@ -286,6 +309,12 @@ def load_models(
     preset = RANDOM_PRESETS.get(random_weights or "tiny")
     f_apply, f_params = load_pretrained(flow) if flow else _random_model(trellis.FLOW, preset[0], seed)
     d_apply, d_params = load_pretrained(decoder) if decoder else _random_model(trellis.DECODER, preset[1], seed + 1)
+    if not decoder and random_weights in RANDOM_OCCUPANCY_BIAS:
+        out = dict(
+            d_params["out_layer_2"],
+            bias=jnp.full_like(d_params["out_layer_2"]["bias"], RANDOM_OCCUPANCY_BIAS[random_weights]),
+        )
+        d_params = {**d_params, "out_layer_2": out}
     if dinov2_path:
         g_cfg, g_params = load_dinov2(dinov2_path)
     else:
@@ -335,8 +364,8 @@ def _source_prefixes(src: str) -> list[str]:
 def convert_trellis(
     src: str, dst: str, *, verify: bool = False, overwrite: bool = False, log: Callable[[str], None] = print
 ) -> list[str]:
-    """The conversion CLI: ``src`` is a TRELLIS folder (its stage-1 models, and the stage-2 SLat flow when its
-    files are there) or one ``NAME`` prefix.
+    """The conversion CLI: ``src`` is a TRELLIS folder (its stage-1 models, and the stage-2 SLat flow and decoders
+    when their files are there) or one ``NAME`` prefix.
 
     Writes ``dst/NAME/{params.safetensors, config.json, manifest.json}`` per model and copies a
     folder's ``pipeline.json`` to ``dst/source_pipeline.json``. With ``verify``, reloads each model
@@ -362,7 +391,7 @@ def convert_trellis(
         for name in names if verify else ():
             apply_fn, params = load_pretrained(os.path.join(tmp, name))
             where = os.path.join(dst, name)
-            fn = apply_fn if not isinstance(apply_fn.module, SLatFlowModel) else lambda p, *a: apply_fn(p, *a).feats
+            fn = apply_fn if not isinstance(apply_fn.module, SPARSE_MODELS) else lambda p, *a: apply_fn(p, *a).feats
             stats = check_finite_and_deterministic(fn, params, example_inputs(apply_fn.module), name=where)
             log(
                 f"verify {where}: output {stats['shape']} finite and deterministic; mean {stats['mean']:.4g} "

@@ -42,6 +42,7 @@ class SparseLevel:
     parent: Optional[jax.Array] = None  # (B, N_finer) int32: the row here of each finer row's parent; N for padding
     children: Optional[jax.Array] = None  # (B, N, 8) int32: the finer rows of each row here; N_finer for none
     divisor: Optional[jax.Array] = None  # (B, N) float32: children + 1 (TRELLIS's mean counts its zero buffer)
+    windows: tuple = ()  # swin WindowPartitions of this level (sparse.attention), one per shift, built on the host
     resolution: int = struct.field(pytree_node=False, default=64)
 
     @property

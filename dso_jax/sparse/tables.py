@@ -99,6 +99,27 @@ def subdivide_coords(coords, mask):
     return np.where(child_mask[..., None], child, 0).astype(np.int32), child_mask
 
 
+def subdivide_neighbours(neighbours) -> np.ndarray:
+    """The (B, 8 N, 27) neighbour table of a level's subdivision (``subdivide_coords``' rows) from its (B, N, 27) one.
+
+    Child k of voxel p sits at ``2 p + CHILDREN[k]``; its neighbour at offset d is child ``(c + d) mod 2`` of the
+    parent's neighbour at offset ``floor((c + d) / 2)`` (c = CHILDREN[k]), so the finer table is a gather of the
+    coarser one: no search over the 8x (64x for two subdivisions) rows. Sentinels stay sentinels (N -> 8 N).
+    """
+    nbrs = np.asarray(neighbours)
+    if nbrs.ndim != 3 or nbrs.shape[-1] != 27:
+        raise ValueError(f"expected a (B, N, 27) neighbour table, got shape {nbrs.shape}")
+    b, n, _ = nbrs.shape
+    t = CHILDREN[:, None, :] + OFFSETS[None]  # (8, 27, 3): child corner + offset, in [-1, 2]
+    up = np.floor_divide(t, 2)  # the parent's offset, in {-1, 0, 1}
+    parent_offset = 9 * (up[..., 0] + 1) + 3 * (up[..., 1] + 1) + (up[..., 2] + 1)  # (8, 27)
+    kid = t - 2 * up
+    child = 4 * kid[..., 0] + 2 * kid[..., 1] + kid[..., 2]  # (8, 27)
+    parent = nbrs[:, :, parent_offset].astype(np.int32)  # (B, N, 8, 27)
+    out = np.where(parent < n, 8 * parent + child.astype(np.int32), np.int32(8 * n))
+    return out.reshape(b, 8 * n, 27).astype(np.int32)
+
+
 def window_partition(coords, mask, window: int, shift: int = 0):
     """Swin windows of TRELLIS's ``calc_window_partition``: voxel p is in window ``(p + shift) // window``.
 
