@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import toy_sweep  # noqa: E402  (bench/ is not a package)
 
 COLORS = {"dro": "tab:blue", "dpo": "tab:orange", "nft": "tab:green", "sft": "tab:gray"}
+STYLES = ("-o", "--s", ":^", "-.v")
 TARGET_STABLE, TARGET_IOU_REL = 0.90, 0.97  # issue 15's bar for the main job
 
 
@@ -83,7 +84,7 @@ def plot(path: str, rows: list[dict], ceiling: dict | None) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
-    before = None
+    before, seen = None, {}
     for r in rows:
         s = r.get("summary")
         if not s:
@@ -91,7 +92,9 @@ def plot(path: str, rows: list[dict], ceiling: dict | None) -> None:
         pts = trajectory(s)
         before = pts[0]
         color = COLORS.get(r["config"], "k")
-        ax.plot([p[2] for p in pts], [p[1] for p in pts], "-o", ms=3, lw=1.2, color=color, label=r["name"], alpha=0.85)
+        style = STYLES[seen.get(r["config"], 0) % len(STYLES)]  # the variants of one objective: one colour
+        seen[r["config"]] = seen.get(r["config"], 0) + 1
+        ax.plot([p[2] for p in pts], [p[1] for p in pts], style, ms=3, lw=1.2, color=color, label=r["name"], alpha=0.85)
         ax.annotate(str(pts[-1][0]), (pts[-1][2], pts[-1][1]), fontsize=7, color=color)
     if before is not None:
         ax.plot([before[2]], [before[1]], "k*", ms=12, label="pretrained")

@@ -119,6 +119,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Dynamic sampling: conditions whose candidates all agree are masked; with 0 < n < train.batch_size the
     # update keeps n of the train.batch_size sampled conditions per device, usable ones first (oversampling).
     c.online.update_conditions = 0
+    # The training candidates' sampler steps (0: sampler.steps). Fewer steps make a round cheaper; the held-out
+    # protocol always samples with ``sampler`` (so "before" and "after" stay comparable).
+    c.online.sampler_steps = 0
 
     # Online mode decodes the sampled latents to occupancy before simulating them.
     c.decoder = ml_collections.ConfigDict()

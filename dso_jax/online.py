@@ -47,6 +47,14 @@ def old_decay(nft_cfg, step):
     return jnp.minimum(cap, cap * jnp.asarray(step, jnp.float32) / nft_cfg.old_decay_ramp)
 
 
+def train_sampler(config) -> ml_collections.ConfigDict:
+    """The sampler of the training candidates: ``config.sampler`` with ``online.sampler_steps`` steps (0: its own)."""
+    cfg = ml_collections.ConfigDict(config.sampler.to_dict())
+    if config.online.sampler_steps:
+        cfg.steps = config.online.sampler_steps
+    return cfg
+
+
 def keep_usable(batch: dict, n: int, key) -> dict:
     """The ``n`` conditions (rows of every (B, ...) array of ``batch``) an update keeps: the usable ones first
     (both labels among their candidates), in random order, then the others (static shapes)."""
@@ -69,7 +77,7 @@ def make_online_step(
         apply_fn,
         decode_fn,
         stability_fn,
-        config.sampler,
+        train_sampler(config),
         latent_shape,
         config.online.num_candidates,
         sim_upsample=config.decoder.sim_upsample,
@@ -152,6 +160,8 @@ def validate(config) -> None:
             f"online.update_conditions must be in [0, train.batch_size = {config.train.batch_size}] (0: all), "
             f"got {config.online.update_conditions}"
         )
+    if config.online.sampler_steps < 0:
+        raise ValueError(f"online.sampler_steps must be >= 0 (0: sampler.steps), got {config.online.sampler_steps}")
     if config.decoder.sim_upsample < 1:
         raise ValueError(f"decoder.sim_upsample must be >= 1, got {config.decoder.sim_upsample}")
     if config.loss == "nft":

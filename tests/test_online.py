@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import nft
 from dso_jax import lora, online, online_losses
 from dso_jax.models import SparseStructureFlowModel
 from dso_jax.physics.rollout import default_sim_config, make_stability_fn
@@ -20,7 +21,9 @@ def _tiny_setup(loss="dro"):
     cfg.flow = ml_collections.ConfigDict(dict(t_mu=1.0, t_sigma=1.0))
     cfg.dpo = ml_collections.ConfigDict(dict(beta=500.0))
     cfg.sampler = ml_collections.ConfigDict(dict(steps=3, cfg_strength=2.0, cfg_interval=(0.5, 1.0), rescale_t=3.0))
-    cfg.online = ml_collections.ConfigDict(dict(num_candidates=4, updates_per_sample=2, update_conditions=0))
+    cfg.online = ml_collections.ConfigDict(
+        dict(num_candidates=4, updates_per_sample=2, update_conditions=0, sampler_steps=0)
+    )
     cfg.train = ml_collections.ConfigDict(dict(batch_size=2))
     cfg.decoder = ml_collections.ConfigDict(dict(sim_upsample=1))
     cfg.nft = ml_collections.ConfigDict(
@@ -84,20 +87,6 @@ def test_one_compiled_step_samples_simulates_and_updates_only_the_overlay():
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), base_before, base)
 
 
-def test_labelled_candidates_move_the_overlay():
-    """With both labels in every condition (a stand-in simulator), the step's DRO update moves every factor."""
-    cfg, apply_fn, decode_fn, _, base, cond = _tiny_setup()
-    tx = optax.adam(1e-2)
-    overlay = lora.init_overlay(jax.random.PRNGKey(2), base, rank=2, alpha=4.0)
-    overlay = overlay.replace(factors=jax.tree.map(lambda x: x + 0.01, overlay.factors))
-    step = jax.jit(_step(cfg, apply_fn, decode_fn, _alternating_verdicts, tx))
-    updated, metrics = step(_state(tx, overlay), {"cond": cond}, base, {})
-    assert float(metrics["usable_frac"]) == 1.0 and float(metrics["stable_rate"]) == 0.5
-    assert float(metrics["mean_angle"]) == pytest.approx(45.5)
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), updated.overlay.factors, overlay.factors)
-    assert min(jax.tree.leaves(moved)) > 0
-
-
 def test_dro_loss_moves_towards_stable_candidates():
     cfg, apply_fn, _, _, base, cond = _tiny_setup()
     overlay = lora.init_overlay(jax.random.PRNGKey(2), base, rank=2, alpha=4.0)
@@ -120,9 +109,10 @@ def test_dro_loss_moves_towards_stable_candidates():
     np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-6)
 
 
-def test_nft_step_moves_the_old_policy_towards_the_overlay_as_configured():
-    """After a round of two updates: old <- d old + (1 - d) overlay, d = nft.old_decay ramped over
-    nft.old_decay_ramp optimizer steps (here 2 of 8: d = 0.25 * 2 / 8); the overlay moves with the NFT gradient."""
+def test_labelled_candidates_move_the_overlay_and_the_old_policy_trails_it():
+    """With both labels in every condition (a stand-in simulator), one round of two NFT updates moves every
+    factor of the overlay, and then old <- d old + (1 - d) overlay with d = nft.old_decay ramped over
+    nft.old_decay_ramp optimizer steps (here 2 of 8: d = 0.25 * 2 / 8). (DRO's step is compiled above.)"""
     cfg, apply_fn, decode_fn, _, base, cond = _tiny_setup("nft")
     cfg.nft.old_decay, cfg.nft.old_decay_ramp = 0.25, 8
     decay = 0.25 * 2 / 8
@@ -132,6 +122,8 @@ def test_nft_step_moves_the_old_policy_towards_the_overlay_as_configured():
     state = _state(tx, overlay, with_old=True)
     step = jax.jit(_step(cfg, apply_fn, decode_fn, _alternating_verdicts, tx))
     updated, metrics = step(state, {"cond": cond}, base, {})
+    assert float(metrics["usable_frac"]) == 1.0 and float(metrics["stable_rate"]) == 0.5
+    assert float(metrics["mean_angle"]) == pytest.approx(45.5)
     assert float(metrics["old_decay"]) == pytest.approx(decay)
     want = jax.tree.map(lambda o, n: decay * o + (1 - decay) * n, state.old.factors, updated.overlay.factors)
     jax.tree.map(
@@ -141,6 +133,14 @@ def test_nft_step_moves_the_old_policy_towards_the_overlay_as_configured():
     assert min(jax.tree.leaves(moved)) > 0
     lag = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), updated.old.factors, updated.overlay.factors)
     assert min(jax.tree.leaves(lag)) > 0  # d > 0: the old policy trails the overlay
+
+
+def test_training_candidates_take_online_sampler_steps_and_the_protocol_keeps_its_sampler():
+    config = nft.get_config("toy")
+    assert online.train_sampler(config).to_dict() == config.sampler.to_dict()  # 0: the sampler's own steps
+    config.online.sampler_steps = 4
+    assert online.train_sampler(config).steps == 4 and config.sampler.steps == 10
+    assert online._protocol(config)["sampler"]["steps"] == 10  # held out: always config.sampler
 
 
 def test_old_decay_ramps_linearly_to_its_cap():
