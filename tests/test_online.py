@@ -1,5 +1,7 @@
 """Online mode: one compiled step runs sample -> decode -> simulate -> update on the overlay only."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,6 +15,30 @@ from dso_jax.models import SparseStructureFlowModel
 from dso_jax.physics.rollout import default_sim_config, make_stability_fn
 from dso_jax.toy import codec as toy_codec
 from dso_jax.train_state import new_state
+
+
+@functools.cache
+def _tiny_model():
+    """The tiny DiT, its params, two conditions and a short-horizon MJX verdict, built once per module."""
+    phys = default_sim_config()
+    phys.horizon_s = 0.1
+    model = SparseStructureFlowModel(
+        resolution=16,
+        in_channels=8,
+        out_channels=8,
+        model_channels=32,
+        cond_channels=16,
+        num_blocks=1,
+        num_heads=2,
+        patch_size=4,
+        qk_rms_norm=True,
+    )
+    cond = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 16))
+    base = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 16, 16, 16)), jnp.zeros((1,)), cond[:1])[
+        "params"
+    ]
+    apply_fn = lambda p, x, t, c: model.apply({"params": p}, x, t, c)
+    return apply_fn, base, cond, make_stability_fn(phys)
 
 
 def _tiny_setup(loss="dro"):
@@ -29,23 +55,8 @@ def _tiny_setup(loss="dro"):
     cfg.nft = ml_collections.ConfigDict(
         dict(beta=1.0, adv_clip=5.0, kl_weight=1e-4, adaptive_weight=True, old_decay=0.0, old_decay_ramp=0)
     )
-    phys = default_sim_config()
-    phys.horizon_s = 0.1
-    model = SparseStructureFlowModel(
-        resolution=16,
-        in_channels=8,
-        out_channels=8,
-        model_channels=32,
-        cond_channels=16,
-        num_blocks=1,
-        num_heads=2,
-        patch_size=4,
-        qk_rms_norm=True,
-    )
-    cond = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 16))
-    base = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 16, 16, 16)), jnp.zeros((1,)), cond[:1])["params"]
-    apply_fn = lambda p, x, t, c: model.apply({"params": p}, x, t, c)
-    return cfg, apply_fn, toy_codec.decoder_fn, make_stability_fn(phys), base, cond
+    apply_fn, base, cond, stability_fn = _tiny_model()
+    return cfg, apply_fn, toy_codec.decoder_fn, stability_fn, base, cond
 
 
 def _alternating_verdicts(occ):
@@ -94,7 +105,7 @@ def test_dro_loss_moves_towards_stable_candidates():
     stable = jnp.array([[True, False, True, False], [False, False, True, False]])
     batch = {"cond": cond, "z": z, "stable": stable}
     loss_fn = online_losses.online_loss("dro")
-    loss, m = loss_fn(apply_fn, base, overlay, None, batch, jax.random.PRNGKey(6), cfg)
+    loss = jax.jit(lambda ov: loss_fn(apply_fn, base, ov, None, batch, jax.random.PRNGKey(6), cfg)[0])(overlay)
     # With the overlay at identity the loss is mean_c(mean L_stable - mean L_unstable): check it by hand.
     t_key, eps_key = jax.random.split(jax.random.PRNGKey(6))
     from dso_jax.flow import sample_t
@@ -103,7 +114,8 @@ def test_dro_loss_moves_towards_stable_candidates():
     t = jnp.repeat(sample_t(t_key, (2,), 1.0, 1.0), 4)
     x0 = z.reshape(8, 8, 16, 16, 16)
     eps = jax.random.normal(eps_key, x0.shape)
-    l = np.asarray(flow_losses(apply_fn, base, x0, jnp.repeat(cond, 4, axis=0), t, eps)).reshape(2, 4)
+    l = np.asarray(jax.jit(flow_losses, static_argnums=0)(apply_fn, base, x0, jnp.repeat(cond, 4, axis=0), t, eps))
+    l = l.reshape(2, 4)
     s = np.asarray(stable)
     want = np.mean([l[c][s[c]].mean() - l[c][~s[c]].mean() for c in range(2)])
     np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-6)

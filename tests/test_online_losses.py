@@ -158,7 +158,7 @@ def tiny():
         qk_rms_norm=True,
     )
     cond = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 8))
-    base = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 4, 4, 4)), jnp.zeros((1,)), cond[:1])["params"]
+    base = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 2, 4, 4, 4)), jnp.zeros((1,)), cond[:1])["params"]
     apply_fn = lambda p, x, t, c: model.apply({"params": p}, x, t, c)  # noqa: E731
 
     def overlay(seed, scale):
@@ -178,14 +178,15 @@ def test_nft_loss_reads_the_overlay_the_old_policy_and_the_base(tiny):
     it draws (one t per condition): using the current policy as the old one or as the reference fails this."""
     apply_fn, base, overlay, old, batch, cfg = tiny
     rng = jax.random.PRNGKey(7)
-    loss, _ = online_losses.nft_loss(apply_fn, base, overlay, old, batch, rng, cfg)
+    loss = jax.jit(lambda ov, o: online_losses.nft_loss(apply_fn, base, ov, o, batch, rng, cfg)[0])(overlay, old)
     k_t, k_eps = jax.random.split(rng)
     t = jnp.repeat(sample_t(k_t, (2,), 1.0, 1.0), 3)
     x0 = batch["z"].reshape((6,) + batch["z"].shape[2:])
     eps = jax.random.normal(k_eps, x0.shape)
     cond = jnp.repeat(batch["cond"], 3, axis=0)
     x_t = noisy_latent(x0, eps, t)
-    vel = lambda p: np.asarray(apply_fn(p, x_t, TIME_SCALE * t, cond), np.float64)  # noqa: E731
+    apply = jax.jit(lambda p: apply_fn(p, x_t, TIME_SCALE * t, cond))
+    vel = lambda p: np.asarray(apply(p), np.float64)  # noqa: E731
     v, v_old, v_ref = vel(lora.merge(base, overlay)), vel(lora.merge(base, old)), vel(base)
     r, ok = online_losses.nft_rewards(batch["stable"], 5.0)
     to = lambda a: torch.tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
@@ -199,10 +200,10 @@ def test_nft_loss_gradient_does_not_flow_through_the_old_policy(tiny):
     apply_fn, base, overlay, _, batch, cfg = tiny
     rng = jax.random.PRNGKey(8)
     frozen = jax.tree.map(jnp.copy, overlay)
-    same = jax.grad(lambda ov: online_losses.nft_loss(apply_fn, base, ov, ov, batch, rng, cfg)[0])(overlay)
-    copy = jax.grad(lambda ov: online_losses.nft_loss(apply_fn, base, ov, frozen, batch, rng, cfg)[0])(overlay)
+    same = jax.jit(jax.grad(lambda ov: online_losses.nft_loss(apply_fn, base, ov, ov, batch, rng, cfg)[0]))(overlay)
+    copy = jax.jit(jax.grad(lambda ov: online_losses.nft_loss(apply_fn, base, ov, frozen, batch, rng, cfg)[0]))(overlay)
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-9), same, copy
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7), same, copy
     )
     assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(same)) > 0
 
