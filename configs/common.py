@@ -16,6 +16,7 @@ import ml_collections
 from dso_jax import lora, sampling
 from dso_jax.convert import trellis
 from dso_jax.physics.metrics import STABLE_THRESHOLD_DEG
+from dso_jax.toy import codec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.mode = "offline"  # 'offline': labelled pairs from a dataset (DSO); 'online': in-step simulator (issue 5)
-    c.loss = "dro"  # 'dro' | 'dpo' | 'sft'
+    c.loss = "dro"  # 'dro' | 'dpo' | 'sft' | 'nft' (DiffusionNFT: online mode only, dso_jax.online_losses)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "SparseStructureFlowModel"  # TRELLIS class name
@@ -83,6 +84,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 500.0
 
+    # DiffusionNFT (loss 'nft', online; the formula is dso_jax.online_losses'). Defaults: DiffusionNFT's
+    # (github.com/NVlabs/DiffusionNFT, config/nft.py: beta 1, adv_clip_max 5, KL beta 1e-4, decay_type 1).
+    c.nft = ml_collections.ConfigDict()
+    c.nft.beta = 1.0  # v± = v_old ± beta (v - v_old); the trust region to the old policy weighs adv_clip * beta
+    c.nft.adv_clip = 5.0  # group-normalised advantages clipped to ±adv_clip, then r = 1/2 + A / (2 adv_clip)
+    c.nft.kl_weight = 1e-4  # the anchor to the frozen base: + kl_weight * mean ||v - v_base||^2 (0: no base pass)
+    c.nft.adaptive_weight = True  # divide each candidate's x0-space error by its (stop-gradient) mean |error|
+    c.nft.old_decay = 0.5  # the old policy after each sampling round: decay * old + (1 - decay) * overlay ...
+    c.nft.old_decay_ramp = 500  # ... with decay rising linearly from 0 over this many optimizer steps (0: constant)
+
     c.data = ml_collections.ConfigDict()
     c.data.kind = "tfds"  # 'tfds': a dataset built by dso_jax.data.tfds_dso | 'synthetic': made in the workdir
     c.data.path = ""  # the TFDS dataset directory (or its data_dir)
@@ -108,12 +119,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.online = ml_collections.ConfigDict()
     c.online.num_candidates = 4  # samples drawn per condition before labelling (train.batch_size conditions per device)
     c.online.updates_per_sample = 1  # optimizer steps per sampling round
+    # Dynamic sampling: conditions whose candidates all agree are masked; with 0 < n < train.batch_size the
+    # update keeps n of the train.batch_size sampled conditions per device, usable ones first (oversampling).
+    c.online.update_conditions = 0
+    # The training candidates' sampler steps (0: sampler.steps). Fewer steps make a round cheaper; the held-out
+    # protocol always samples with ``sampler`` (so "before" and "after" stay comparable).
+    c.online.sampler_steps = 0
 
     # Online mode decodes the sampled latents to occupancy before simulating them.
     c.decoder = ml_collections.ConfigDict()
     c.decoder.kind = "trellis"  # 'trellis': SparseStructureDecoder | 'toy_codec': the toy world's exact codec
     c.decoder.path = ""  # '' = random init of decoder.args; else a converted folder or TRELLIS prefix
     c.decoder.args = ml_collections.ConfigDict(TRELLIS_SS_DEC_ARGS)
+    c.decoder.sim_upsample = 1  # the simulator sees the decoded grid upsampled this many times (nearest)
 
     # Held-out evaluation of online runs (before and after training): dso_jax.toy.heldout's protocol, whose
     # noise is fixed by (seed, num_conditions, batch).
@@ -182,6 +200,7 @@ def apply_toy(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.keep_ckpts = 2
     c.data.kind = "toy"
     c.decoder.kind = "toy_codec"
+    c.decoder.sim_upsample = codec.SIM_UPSAMPLE  # the toy world's physics grid (64³)
     c.sampler.update(sampling.TOY.to_dict())  # the toy model's recommended sampler
     c.online.num_candidates = 8
     c.online.updates_per_sample = 2

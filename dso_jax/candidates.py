@@ -28,6 +28,13 @@ def policy_params(base, overlay, dtype):
     return cast_block_weights(params, dtype)
 
 
+def upsample(occ, factor: int):
+    """(N, D, D, D) -> (N, fD, fD, fD): every voxel split into f³ (nearest neighbour; the same solid)."""
+    for axis in (1, 2, 3):
+        occ = jnp.repeat(occ, factor, axis=axis) if factor > 1 else occ
+    return occ
+
+
 def make_candidates_fn(
     apply_fn: ApplyFn,
     decode_fn: DecodeFn,
@@ -35,10 +42,14 @@ def make_candidates_fn(
     sampler_cfg,
     latent_shape,
     num_candidates: int,
+    *,
+    sim_upsample: int = 1,
 ):
     """``candidates(params, dec_params, cond (B, S, Cc), key) -> dict`` of z (B, K, C, R, R, R) and occ
     (B, K, D, D, D), and with a ``stability_fn`` stable / angle / valid (B, K); K = ``num_candidates``,
-    ``params`` already merged (:func:`policy_params`). The noise of all B·K samples is one draw from ``key``."""
+    ``params`` already merged (:func:`policy_params`). The noise of all B·K samples is one draw from ``key``.
+    The simulator sees the decoded grid upsampled ``sim_upsample`` times (:func:`upsample`; the toy codec's
+    32³ on TRELLIS's 64³ grid); ``occ`` stays the decoded grid."""
     k = num_candidates
 
     def candidates(params, dec_params, cond, key):
@@ -49,7 +60,7 @@ def make_candidates_fn(
         occ = occupancy_from_logits(decode_fn(dec_params, z))  # (B K, D, D, D)
         out = {"z": z.reshape((b, k) + z.shape[1:]), "occ": occ.reshape((b, k) + occ.shape[1:])}
         if stability_fn is not None:
-            verdict = stability_fn(occ)
+            verdict = stability_fn(upsample(occ, sim_upsample))
             out.update(
                 stable=(verdict["stable"] & verdict["valid"]).reshape(b, k),
                 angle=verdict["angle"].reshape(b, k),

@@ -120,4 +120,8 @@ def sft_loss(apply_fn: ApplyFn, base, overlay: lora.Overlay, batch, rng, cfg) ->
     return loss, {"loss": loss, "loss_win": loss, "t_mean": jnp.mean(t)}
 
 
-LOSSES = {"dro": dro_loss, "dpo": dpo_loss, "sft": sft_loss}
+LOSSES = {"dro": dro_loss, "dpo": dpo_loss, "sft": sft_loss}  # the offline trainer's, on labelled pairs
+# The online trainer's, on labelled candidates (dso_jax.online_losses): DSO's three and DiffusionNFT's, whose
+# train state carries an old-policy overlay (OLD_POLICY_LOSSES).
+ONLINE_LOSSES = ("dro", "dpo", "sft", "nft")
+OLD_POLICY_LOSSES = ("nft",)

@@ -1,20 +1,15 @@
 """The online trainer: DSO with the simulator inside the step (sample -> decode -> simulate -> label -> update).
 
-Per step, for B conditions the current policy (base ⊕ overlay, no gradient) draws K candidates each
-with the jitted Euler sampler; they are decoded to occupancy and simulated (``dso_jax.candidates``); the
-verdicts label the candidates, and the DRO / DPO / SFT update follows on those very latents (DSO trains on
-the model's own samples ``z_s``). Shapes are static: conditions without a usable label set are masked,
-never dropped. ``train_and_evaluate`` is the trainer around that step (``dso_jax.train_loop``'s run and loop,
-conditions from the toy world's pool) with the toy held-out protocol before, during (``eval.every``) and
-after training, ``summary.json`` and the figures.
-
-Labels -> losses:
-  DRO  every candidate, balanced per condition: stable ones weigh +1/n_stable, unstable ones
-       -1/n_unstable, so each usable condition contributes ``mean L_stable - mean L_unstable``
-       (DSO's ``mean(L_w - L_l)`` with all candidates instead of one pair); one t per condition.
-  DPO  one (stable, unstable) pair per condition (the first of each), masked where none exists,
-       through :func:`dso_jax.losses.dpo_loss`.
-  SFT  stable candidates only, weight 1/n_stable per condition.
+Per step, for B conditions the sampling policy (base ⊕ overlay, no gradient; DiffusionNFT samples with its
+old policy) draws K candidates each with the jitted Euler sampler; they are decoded to occupancy and
+simulated (``dso_jax.candidates``); the verdicts label the candidates, and the update of ``config.loss``
+(``dso_jax.online_losses``: DRO, DPO, SFT or NFT) follows on those very latents (DSO trains on the model's
+own samples ``z_s``), ``online.updates_per_sample`` optimizer steps per round. Dynamic sampling with static
+shapes: a condition whose candidates all agree is masked, and with ``online.update_conditions`` the update
+keeps only that many of the sampled conditions, usable ones first. NFT's old policy then moves towards the
+overlay (an EMA, ``nft.old_decay``), inside the same step. ``train_and_evaluate`` is the trainer around that
+step (``dso_jax.train_loop``'s run and loop, conditions from the toy world's pool) with the toy held-out
+protocol before, during (``eval.every``) and after training, ``summary.json`` and the figures.
 """
 
 from __future__ import annotations
@@ -28,89 +23,44 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dso_jax import lora, losses, optim, sharding, summary, train_loop
+from dso_jax import losses, online_losses, optim, sharding, summary, train_loop
 from dso_jax.candidates import make_candidates_fn, policy_params
-from dso_jax.flow import sample_t
 from dso_jax.metrics_writer import read_rows
 from dso_jax.models import pretrained
 from dso_jax.toy import heldout, objects, render
 from dso_jax.toy.pool import ConditionPool
 from dso_jax.train_state import latent_shape
 
-ONLINE_LOSSES = ("dro", "dpo", "sft")
 FIGURES = ("stable_rate", "mean_angle", "iou")  # the held-out figures of summary.json and metrics.jsonl
-
-# ------------------------------------------------------------------------------------------------
-# The online objective on labelled candidates
-# ------------------------------------------------------------------------------------------------
-
-
-def candidate_weights(stable):
-    """(B, K) bool -> signed weights (B, K) and usable (B,): +1/n_s on stable, -1/n_u on unstable."""
-    stable = stable.astype(bool)
-    k = stable.shape[1]
-    n_s = jnp.sum(stable, axis=1, keepdims=True).astype(jnp.float32)
-    n_u = k - n_s
-    usable = (n_s[:, 0] > 0) & (n_u[:, 0] > 0)
-    w = jnp.where(stable, 1.0 / jnp.maximum(n_s, 1.0), -1.0 / jnp.maximum(n_u, 1.0))
-    return w * usable[:, None], usable
-
-
-def first_pair(z, stable):
-    """One (winner, loser) per condition: the first stable and first unstable candidate; weight = usable."""
-    stable = stable.astype(bool)
-    b = z.shape[0]
-    iw, il = jnp.argmax(stable, axis=1), jnp.argmax(~stable, axis=1)
-    usable = jnp.any(stable, axis=1) & jnp.any(~stable, axis=1)
-    rows = jnp.arange(b)
-    return z[rows, iw], z[rows, il], usable.astype(jnp.float32)
-
-
-def candidate_loss(apply_fn, base, overlay, batch, rng, cfg, *, kind: str):
-    """DRO ('dro') or SFT ('sft') over all K candidates of each condition (see module docstring).
-
-    batch: cond (B, S, Cc), z (B, K, C, R, R, R), stable (B, K).
-    """
-    z, cond, stable = batch["z"], batch["cond"], batch["stable"]
-    b, k = stable.shape
-    w, usable = candidate_weights(stable)
-    if kind == "sft":
-        w, usable = jnp.maximum(w, 0.0), jnp.any(stable, axis=1)
-    k_t, k_eps = jax.random.split(rng)
-    t = jnp.repeat(sample_t(k_t, (b,), cfg.flow.t_mu, cfg.flow.t_sigma), k)  # one t per condition
-    x0 = z.reshape((b * k,) + z.shape[2:]).astype(jnp.float32)
-    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-    l = losses.flow_losses(apply_fn, lora.merge(base, overlay), x0, jnp.repeat(cond, k, axis=0), t, eps).reshape(b, k)
-    n = jnp.maximum(jnp.sum(usable), 1.0)
-    loss = jnp.sum(w * l) / n
-    stable_f = stable.astype(jnp.float32)
-    metrics = {
-        "loss": loss,
-        "loss_win": jnp.sum(stable_f * l) / jnp.maximum(jnp.sum(stable_f), 1.0),
-        "loss_lose": jnp.sum((1 - stable_f) * l) / jnp.maximum(jnp.sum(1 - stable_f), 1.0),
-        "t_mean": jnp.mean(t),
-    }
-    return loss, metrics
-
-
-def online_loss(name: str):
-    """The loss of ``config.loss`` on a labelled candidate batch."""
-    if name in ("dro", "sft"):
-        return lambda *a: candidate_loss(*a, kind=name)
-    if name == "dpo":
-
-        def dpo(apply_fn, base, overlay, batch, rng, cfg):
-            x0_w, x0_l, weight = first_pair(batch["z"], batch["stable"])
-            pairs = {"cond": batch["cond"], "x0_win": x0_w, "x0_lose": x0_l, "weight": weight}
-            return losses.dpo_loss(apply_fn, base, overlay, pairs, rng, cfg)
-
-        return dpo
-    raise ValueError(f"config.loss must be 'dro', 'dpo' or 'sft', got {name!r}")
-
 
 # ------------------------------------------------------------------------------------------------
 # The in-step loop
 # ------------------------------------------------------------------------------------------------
+
+
+def old_decay(nft_cfg, step):
+    """The old policy's EMA decay after ``step`` optimizer steps: linear from 0 to ``nft.old_decay`` over
+    ``nft.old_decay_ramp`` steps, then constant (DiffusionNFT's ``return_decay`` without its flat phase)."""
+    cap = jnp.float32(nft_cfg.old_decay)
+    if nft_cfg.old_decay_ramp <= 0:
+        return cap
+    return jnp.minimum(cap, cap * jnp.asarray(step, jnp.float32) / nft_cfg.old_decay_ramp)
+
+
+def train_sampler(config) -> ml_collections.ConfigDict:
+    """The sampler of the training candidates: ``config.sampler`` with ``online.sampler_steps`` steps (0: its own)."""
+    cfg = ml_collections.ConfigDict(config.sampler.to_dict())
+    if config.online.sampler_steps:
+        cfg.steps = config.online.sampler_steps
+    return cfg
+
+
+def keep_usable(batch: dict, n: int, key) -> dict:
+    """The ``n`` conditions (rows of every (B, ...) array of ``batch``) an update keeps: the usable ones first
+    (both labels among their candidates), in random order, then the others (static shapes)."""
+    ok = online_losses.usable(batch["stable"]).astype(jnp.float32)
+    idx = jnp.argsort(-(ok + 0.5 * jax.random.uniform(key, ok.shape)))[:n]
+    return jax.tree.map(lambda x: x[idx], batch)
 
 
 def make_online_step(
@@ -118,22 +68,40 @@ def make_online_step(
 ):
     """The pure step ``online_step(state, batch, base, dec_params) -> (state, metrics)``.
 
-    ``batch['cond']`` (B, S, Cc) holds this step's conditions. ``state`` is a :class:`dso_jax.train_state.TrainState`.
-    The sampled latents are reused for ``config.online.updates_per_sample`` optimizer updates
-    (each with fresh t and noise); ``state.step`` counts optimizer updates.
+    ``batch['cond']`` (B, S, Cc) holds this step's conditions. ``state`` is a :class:`dso_jax.train_state.TrainState`
+    (with ``state.old`` for ``losses.OLD_POLICY_LOSSES``). The sampled latents are reused for
+    ``config.online.updates_per_sample`` optimizer updates (each with fresh t and noise); ``state.step``
+    counts optimizer updates.
     """
     candidates = make_candidates_fn(
-        apply_fn, decode_fn, stability_fn, config.sampler, latent_shape, config.online.num_candidates
+        apply_fn,
+        decode_fn,
+        stability_fn,
+        train_sampler(config),
+        latent_shape,
+        config.online.num_candidates,
+        sim_upsample=config.decoder.sim_upsample,
     )
-    loss_fn = online_loss(config.loss)
+    loss_fn = online_losses.online_loss(config.loss)
     updates = config.online.updates_per_sample
+    with_old = config.loss in losses.OLD_POLICY_LOSSES
+    keep_per_device, per_device = config.online.update_conditions, config.train.batch_size
 
     def online_step(state, batch, base, dec_params):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         k_roll, k_upd = jax.random.split(key)
-        ro = candidates(policy_params(base, state.overlay, dtype), dec_params, batch["cond"], k_roll)
+        sampler = state.old if with_old else state.overlay
+        ro = candidates(policy_params(base, sampler, dtype), dec_params, batch["cond"], k_roll)
         labelled = {"cond": batch["cond"], "z": jax.lax.stop_gradient(ro["z"]), "stable": ro["stable"]}
-        grad_fn = jax.value_and_grad(lambda ov, r: loss_fn(apply_fn, base, ov, labelled, r, config), has_aux=True)
+        b = labelled["stable"].shape[0]
+        if 0 < keep_per_device < per_device:  # dynamic sampling: train on the usable conditions
+            labelled = keep_usable(labelled, b * keep_per_device // per_device, jax.random.fold_in(k_roll, 1))
+        old = state.old
+
+        def loss(ov, r):
+            return loss_fn(apply_fn, base, ov, old, labelled, r, config)
+
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
 
         def update(st, u):
             (_, m), g = grad_fn(st.overlay, jax.random.fold_in(k_upd, u))
@@ -143,11 +111,15 @@ def make_online_step(
 
         state, m = jax.lax.scan(update, state, jnp.arange(updates))
         m = jax.tree.map(jnp.mean, m)
-        _, usable = candidate_weights(ro["stable"])
+        if with_old:  # the old policy moves towards the overlay once per round
+            d = old_decay(config.nft, state.step)
+            state = state.replace(old=jax.tree.map(lambda o, n: d * o + (1.0 - d) * n, old, state.overlay))
+            m["old_decay"] = d
         m.update(
             stable_rate=jnp.mean(ro["stable"].astype(jnp.float32)),
             mean_angle=jnp.mean(ro["angle"]),
-            usable_frac=jnp.mean(usable.astype(jnp.float32)),
+            usable_frac=jnp.mean(online_losses.usable(ro["stable"]).astype(jnp.float32)),
+            update_usable_frac=jnp.mean(online_losses.usable(labelled["stable"]).astype(jnp.float32)),
             valid_frac=jnp.mean(ro["valid"].astype(jnp.float32)),
         )
         return state, m
@@ -166,8 +138,8 @@ def validate(config) -> None:
         raise ValueError(f"dso_jax.online trains config.mode='online', got {config.mode!r} (scripts/train.py picks)")
     if config.data.kind != "toy":
         raise ValueError(f"mode='online' takes conditions from data.kind='toy', got {config.data.kind!r}")
-    if config.loss not in ONLINE_LOSSES:
-        raise ValueError(f"config.loss must be one of {list(ONLINE_LOSSES)}, got {config.loss!r}")
+    if config.loss not in losses.ONLINE_LOSSES:
+        raise ValueError(f"config.loss must be one of {list(losses.ONLINE_LOSSES)}, got {config.loss!r}")
     if config.decoder.kind not in ("trellis", "toy_codec"):
         raise ValueError(f"decoder.kind must be 'trellis' or 'toy_codec', got {config.decoder.kind!r}")
     if config.decoder.kind == "trellis" and config.decoder.path and not os.path.exists(config.decoder.path):
@@ -183,6 +155,20 @@ def validate(config) -> None:
             raise ValueError(f"{key} must be >= 1, got {config[section][name]}")
     if config.eval.every < 0:
         raise ValueError(f"eval.every must be >= 0 (0: never), got {config.eval.every}")
+    if not 0 <= config.online.update_conditions <= config.train.batch_size:
+        raise ValueError(
+            f"online.update_conditions must be in [0, train.batch_size = {config.train.batch_size}] (0: all), "
+            f"got {config.online.update_conditions}"
+        )
+    if config.online.sampler_steps < 0:
+        raise ValueError(f"online.sampler_steps must be >= 0 (0: sampler.steps), got {config.online.sampler_steps}")
+    if config.decoder.sim_upsample < 1:
+        raise ValueError(f"decoder.sim_upsample must be >= 1, got {config.decoder.sim_upsample}")
+    if config.loss == "nft":
+        if config.nft.beta <= 0 or config.nft.adv_clip <= 0:
+            raise ValueError(f"nft.beta and nft.adv_clip must be > 0, got {config.nft.beta}, {config.nft.adv_clip}")
+        if not 0 <= config.nft.old_decay < 1:
+            raise ValueError(f"nft.old_decay must be in [0, 1), got {config.nft.old_decay}")
 
 
 def make_decoder(dec_cfg, dtype, seed: int):
@@ -259,12 +245,16 @@ def _finish(config, run, before: dict, after: dict) -> dict:
     out = summary.write_summary(run.workdir, before, after, run.seconds(), extra)
     summary.print_summary(out)
     if train_rows:
+        held_steps = [0] + [r["step"] for r in curve] + [config.train.steps]
+        held_rates = [before["stable_rate"]] + [r["heldout_stable_rate"] for r in curve] + [after["stable_rate"]]
         summary.plot_curve(
             os.path.join(run.workdir, "stable_rate.png"),
             [r["step"] for r in train_rows],
             [r["stable_rate"] for r in train_rows],
-            "stable rate of fresh samples",
+            "stable rate",
             f"online {config.loss.upper()} (toy world)",
+            label="fresh samples (training conditions, the sampling policy)",
+            more=[(held_steps, held_rates, f"held out ({config.eval.num_conditions} conditions, fixed noise)")],
         )
     return out
 
@@ -305,7 +295,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         # The held-out protocol (dso_jax.toy.heldout) before, every eval.every steps and after training.
         candidates = jax.jit(
-            make_candidates_fn(run.apply_fn, decode_fn, stability_fn, config.sampler, shape, config.eval.num_candidates)
+            make_candidates_fn(
+                run.apply_fn,
+                decode_fn,
+                stability_fn,
+                config.sampler,
+                shape,
+                config.eval.num_candidates,
+                sim_upsample=config.decoder.sim_upsample,
+            )
         )
         held = heldout.heldout_set(config.eval.seed, config.eval.num_conditions)
 

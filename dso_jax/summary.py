@@ -39,15 +39,20 @@ def print_summary(summary: dict) -> None:
     print(f"{'wall time (s)':18s} {summary['seconds']:10.1f}")
 
 
-def plot_curve(path: str, steps, values, ylabel: str, title: str) -> None:
-    """A line plot (PNG) of one metric over training steps."""
+def plot_curve(path: str, steps, values, ylabel: str, title: str, *, label: str = "", more=()) -> None:
+    """A line plot (PNG) of one metric over training steps; ``more``: further (steps, values, label) series
+    on the same axes (with a legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot(steps, values, marker="o", markersize=3)
+    ax.plot(steps, values, marker="o", markersize=3, label=label or None)
+    for m_steps, m_values, m_label in more:
+        ax.plot(m_steps, m_values, marker="s", markersize=4, label=m_label)
+    if label or more:
+        ax.legend(fontsize=7)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -66,8 +66,9 @@ class Run:
 
 def validate(config) -> None:
     """The checks of keys every LoRA run reads, before anything is written."""
-    if config.loss not in losses.LOSSES:
-        raise ValueError(f"config.loss must be one of {sorted(losses.LOSSES)}, got {config.loss!r}")
+    known = losses.ONLINE_LOSSES if config.mode == "online" else losses.LOSSES
+    if config.loss not in known:
+        raise ValueError(f"config.loss must be one of {sorted(known)}, got {config.loss!r}")
     compute_dtype(config.model.compute_dtype)
     if config.train.peft_export not in checkpoint.PEFT_EXPORTS:
         raise ValueError(f"train.peft_export must be 'full', 'lora' or 'none', got {config.train.peft_export!r}")

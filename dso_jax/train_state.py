@@ -1,7 +1,8 @@
 """The state both LoRA trainers (offline ``train.py``, online ``online.py``) carry, and how it is made.
 
 ``TrainState`` is the only pytree a step updates and a checkpoint saves: the LoRA overlay, its optimizer
-state, the step count and the run's RNG key data. The frozen base weights are never in it; they are an
+state, the step count, the run's RNG key data and, for the objectives that need one
+(``losses.OLD_POLICY_LOSSES``), the old-policy overlay. The frozen base weights are never in it; they are an
 argument of every step. Shapes come first (``jax.eval_shape``), shardings are derived from them, then the
 arrays are materialised with those shardings (random init) or restored into them.
 """
@@ -14,7 +15,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from dso_jax import lora, sharding
+from dso_jax import lora, losses, sharding
 from dso_jax.convert.verify import tree_diff
 from dso_jax.models import pretrained
 
@@ -25,12 +26,20 @@ class TrainState:
     overlay: lora.Overlay  # the trainable LoRA factors
     opt_state: Any
     rng: jax.Array  # (2,) uint32 raw key data of the run's base key
+    # The old policy (DiffusionNFT's): an overlay of the same shapes, no gradient, moved towards ``overlay``
+    # once per sampling round by the online step; None for the objectives without one.
+    old: Any = None
 
 
-def new_state(overlay: lora.Overlay, tx, key: jax.Array) -> TrainState:
-    """Step 0 of a run: ``overlay``, its fresh optimizer state, ``key``'s data as the run's key."""
+def new_state(overlay: lora.Overlay, tx, key: jax.Array, *, with_old: bool = False) -> TrainState:
+    """Step 0 of a run: ``overlay``, its fresh optimizer state, ``key``'s data as the run's key and, with
+    ``with_old``, the old policy equal to ``overlay``."""
     return TrainState(
-        step=jnp.zeros((), jnp.int32), overlay=overlay, opt_state=tx.init(overlay), rng=jax.random.key_data(key)
+        step=jnp.zeros((), jnp.int32),
+        overlay=overlay,
+        opt_state=tx.init(overlay),
+        rng=jax.random.key_data(key),
+        old=jax.tree.map(jnp.copy, overlay) if with_old else None,
     )
 
 
@@ -74,12 +83,14 @@ def frozen_base(config, mesh, dtype, root_key):
 
 
 def state_initializer(config, abstract_base, tx, root_key) -> Callable[[jax.Array], TrainState]:
-    """``init(key) -> TrainState`` at step 0: the overlay at identity, fresh optimizer state, the run's key."""
+    """``init(key) -> TrainState`` at step 0: the overlay at identity, fresh optimizer state, the run's key
+    (and the old policy at identity too, for ``losses.OLD_POLICY_LOSSES``)."""
 
     def init(key):
         overlay = lora.init_overlay(
             key, abstract_base, rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets)
         )
-        return new_state(overlay, tx, jax.random.fold_in(root_key, 2))
+        with_old = config.loss in losses.OLD_POLICY_LOSSES
+        return new_state(overlay, tx, jax.random.fold_in(root_key, 2), with_old=with_old)
 
     return init

@@ -1,4 +1,4 @@
-"""The README's main job (online DRO on the toy world), shortened: it runs end to end from the shipped toy
+"""The README's main job (online NFT on the toy world), shortened: it runs end to end from the shipped toy
 weights, reports the held-out protocol's figures, writes the curve and the figures, and a rerun of the
 finished job leaves its summary alone."""
 
@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import dpo, dro
+from configs import dpo, nft
 from dso_jax import online
 from dso_jax.candidates import make_candidates_fn, policy_params
 from dso_jax.metrics_writer import read_rows
@@ -37,7 +37,7 @@ def _shorten(config):
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    config = _shorten(dro.get_config("toy"))
+    config = _shorten(nft.get_config("toy"))
     assert os.path.isdir(config.model.path), f"the main job needs the shipped toy model at {config.model.path}"
     workdir = str(tmp_path_factory.mktemp("main_job"))
     returned = online.train_and_evaluate(config, workdir)
@@ -51,12 +51,22 @@ def test_summary_holds_the_protocols_figures_of_the_pretrained_model(job):
     assert summary == returned
     apply_fn, base = load_pretrained(config.model.path)
     stability = make_stability_fn(config.physics)
-    cands = jax.jit(make_candidates_fn(apply_fn, codec.decoder_fn, stability, config.sampler, codec.LATENT_SHAPE, 2))
+    cands = jax.jit(
+        make_candidates_fn(
+            apply_fn,
+            codec.decoder_fn,
+            stability,
+            config.sampler,
+            codec.LATENT_SHAPE,
+            2,
+            sim_upsample=codec.SIM_UPSAMPLE,
+        )
+    )
     held = heldout.heldout_set(config.eval.seed, config.eval.num_conditions)
     res = heldout.evaluate(cands, policy_params(base, None, jnp.float32), {}, held, seed=config.eval.seed, batch=2)
     for k in ("stable_rate", "mean_angle", "iou"):
         assert summary[f"{k}_before"] == pytest.approx(res["summary"][k], rel=1e-6), k
-    assert (summary["loss"], summary["steps"], summary["eval_conditions"]) == ("dro", 3, 3)
+    assert (summary["loss"], summary["steps"], summary["eval_conditions"]) == ("nft", 3, 3)
 
 
 def test_metrics_curve_and_figures(job):

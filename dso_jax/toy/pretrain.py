@@ -260,7 +260,8 @@ def train(config, workdir: str, log=logging.info) -> tuple[dict, dict]:
 
 def make_candidates(apply_fn, config, physics: str):
     """The jitted candidates function of the held-out protocol: ``eval.num_candidates`` samples per
-    condition with ``config.sampler``, the toy codec as decoder, MJX (``config.physics``) or no simulator."""
+    condition with ``config.sampler``, the toy codec as decoder, MJX (``config.physics``, on the toy world's
+    physics grid ``codec.SIM_UPSAMPLE``) or no simulator."""
     stability_fn = None
     if physics == "mjx":
         from dso_jax.physics import rollout
@@ -269,7 +270,13 @@ def make_candidates(apply_fn, config, physics: str):
     elif physics != "static":
         raise ValueError(f"eval.physics must be 'mjx' or 'static', got {physics!r}")
     fn = make_candidates_fn(
-        apply_fn, codec.decoder_fn, stability_fn, config.sampler, codec.LATENT_SHAPE, config.eval.num_candidates
+        apply_fn,
+        codec.decoder_fn,
+        stability_fn,
+        config.sampler,
+        codec.LATENT_SHAPE,
+        config.eval.num_candidates,
+        sim_upsample=codec.SIM_UPSAMPLE,
     )
     return jax.jit(fn)
 
