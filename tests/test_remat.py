@@ -1,4 +1,4 @@
-"""Remat policies: every policy gives the gradients of no remat; 'attention' keeps the attention outputs."""
+"""Remat policies: 'attention' keeps exactly the attention outputs, 'nothing' keeps none, a typo is refused."""
 
 import jax
 import jax.numpy as jnp
@@ -25,16 +25,8 @@ def _loss(model, inputs):
     return lambda p: jnp.mean(model.apply({"params": p}, *inputs) ** 2)
 
 
-def test_keeping_values_gives_the_gradients_of_no_remat():
-    model, params, inputs = _model_and_inputs(num_blocks=1)
-    ref = jax.jit(jax.grad(_loss(model, inputs)))(params)
-    # 'dots_attention' exercises both saveable rules; 'nothing' is TRELLIS's use_checkpoint (test_models_parity)
-    got = jax.jit(jax.grad(_loss(model.clone(use_checkpoint=True, remat_policy="dots_attention"), inputs)))(params)
-    err = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), got, ref)))
-    assert err < 1e-6, err
-
-
 def test_attention_policy_keeps_the_attention_outputs_and_nothing_keeps_none():
+    # traces the rematerialised backward pass with each policy (no compile: gradients under a policy are jax's own)
     model, params, inputs = _model_and_inputs(num_blocks=1)
 
     def named(policy):
@@ -43,6 +35,9 @@ def test_attention_policy_keeps_the_attention_outputs_and_nothing_keeps_none():
 
     assert len(named("attention")) == 2  # the block's self- and cross-attention outputs
     assert named("nothing") == []
+    f = _loss(model.clone(use_checkpoint=True, remat_policy="dots_attention"), inputs)
+    kept = [d for _, d in saved_residuals(f, params)]
+    assert sum(ATTENTION_NAME in d for d in kept) == 2 and len(kept) > len(named("attention"))
 
 
 def test_unknown_policy_is_refused_even_without_remat():
