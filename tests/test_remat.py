@@ -10,14 +10,12 @@ from dso_jax.models.remat import ATTENTION_NAME, block_class
 from tests.helpers_trellis import TINY_FLOW_ARGS
 
 
-def _model_and_inputs(**kw):
-    model = SparseStructureFlowModel(**dict(TINY_FLOW_ARGS, **kw))
+def _model_and_inputs():
+    """A one-block tiny model, abstract params (tracing needs no values) and inputs."""
+    model = SparseStructureFlowModel(**dict(TINY_FLOW_ARGS, num_blocks=1))
     r, c = model.resolution, model.in_channels
-    ks = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(ks[0], (2, c, r, r, r))
-    cond = jax.random.normal(ks[1], (2, 5, model.cond_channels))
-    t = jnp.array([300.0, 800.0])
-    params = jax.jit(model.init)(ks[2], x, t, cond)["params"]
+    x, t, cond = jnp.zeros((2, c, r, r, r)), jnp.array([300.0, 800.0]), jnp.zeros((2, 5, model.cond_channels))
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, cond)["params"]
     return model, params, (x, t, cond)
 
 
@@ -27,7 +25,7 @@ def _loss(model, inputs):
 
 def test_attention_policy_keeps_the_attention_outputs_and_nothing_keeps_none():
     # traces the rematerialised backward pass with each policy (no compile: gradients under a policy are jax's own)
-    model, params, inputs = _model_and_inputs(num_blocks=1)
+    model, params, inputs = _model_and_inputs()
 
     def named(policy):
         f = _loss(model.clone(use_checkpoint=True, remat_policy=policy), inputs)
