@@ -33,7 +33,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 from ssflow import COND_LEN as FULL_COND_LEN  # bench/ is on the path when run as a script
 from ssflow import FLOP_PER_SAMPLE, _import_trellis
 from ssflow import FLOW_ARGS as FULL_ARGS
@@ -85,10 +84,8 @@ def run_jax(loss: str, flags: set, a) -> dict:
     module = pretrained.model_from_config("SparseStructureFlowModel", dict(args, use_checkpoint=remat), dtype=dtype)
     module = module.clone(attn_impl="xla" if "xla" in flags else config.model.attn_impl, remat_policy=policy)
     apply_fn = pretrained.make_apply_fn(module)
-    # N(0, 0.02) drawn on the host from the shapes alone (the released model's jitted Flax init is slow)
-    rng = np.random.default_rng(0)
-    shapes = pretrained.abstract_params(module)
-    base = jax.tree.map(lambda x: jnp.asarray(0.02 * rng.standard_normal(x.shape, np.float32)), shapes)
+    # drawn on the host from the shapes alone (the released model's jitted Flax init is slow)
+    base = jax.tree.map(jnp.asarray, pretrained.random_params(pretrained.abstract_params(module), seed=0))
     if "base_bf16" in flags:
         base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
     overlay = lora.init_overlay(jax.random.PRNGKey(1), base, rank=64, alpha=128.0, targets=TARGETS)
