@@ -28,6 +28,10 @@ def _parse():
     p.add_argument("--reference_meshes", type=int, default=512, help="meshes for the CPU reference rate (0: skip)")
     p.add_argument("--mesh_dir", default="runs/mesh_set/meshes", help="reference meshes if present, else random hulls")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument(
+        "--agree_with", default="", choices=["", "jax", "warp"], help="also run this backend on the same objects and "
+        "print the fraction of equal verdicts"
+    )  # fmt: skip
     return p.parse_args()
 
 
@@ -109,6 +113,11 @@ def main():
         f"iterations={cfg.iterations} ls={cfg.ls_iterations} impl={cfg.impl} D={args.resolution}"
     )
     fn = jax.jit(rollout.make_stability_fn(cfg))
+    other = None
+    if args.agree_with:
+        other_cfg = rollout.with_overrides(rollout.default_sim_config(), args.set)
+        other_cfg.impl = args.agree_with
+        other = jax.jit(rollout.make_stability_fn(other_cfg))
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         occ = jax.block_until_ready(random_objects(jax.random.PRNGKey(b), b, args.resolution))
@@ -125,6 +134,10 @@ def main():
         stable = float(np.mean(np.asarray(out["stable"])))
         rows.append((b, compile_s, sec, b / sec, stable))
         print(f"  B={b}: {b / sec:,.0f} objects/s", flush=True)
+        if other is not None:
+            theirs = np.asarray(jax.block_until_ready(other(occ))["stable"])
+            agree = float(np.mean(theirs == np.asarray(out["stable"])))
+            print(f"  B={b}: verdicts equal to MJX-{args.agree_with}'s on {agree:.4f} of objects", flush=True)
 
     ref = None
     if args.reference_meshes > 0:

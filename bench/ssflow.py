@@ -57,6 +57,13 @@ VARIANTS = {
 }
 
 
+def _variant(name: str):
+    """VARIANTS[name], or ``attn=IMPL`` (library flags, the flow's ``attn_impl``, e.g. ``attn=mgpu:64x128x2``)."""
+    if name.startswith("attn="):
+        return "", {"attn_impl": name[len("attn=") :]}
+    return VARIANTS[name]
+
+
 def _median_time(fn, reps: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
@@ -86,7 +93,7 @@ def _sizes(tiny: bool):
 
 
 def run_jax(variant: str, batches, reps: int, sample_batch: int, tiny: bool = False) -> None:
-    _, opts = VARIANTS[variant]  # the parent set this process's XLA_FLAGS (and the library-defaults switch)
+    _, opts = _variant(variant)  # the parent set this process's XLA_FLAGS (and the library-defaults switch)
     import jax
     import jax.numpy as jnp
 
@@ -98,7 +105,7 @@ def run_jax(variant: str, batches, reps: int, sample_batch: int, tiny: bool = Fa
     flow_args, dec_args, cond_len = _sizes(tiny)
     cc = flow_args["cond_channels"]
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-    flow = SparseStructureFlowModel(**flow_args, dtype=dtype)
+    flow = SparseStructureFlowModel(**flow_args, dtype=dtype, attn_impl=opts.get("attn_impl", "auto"))
     dec = SparseStructureDecoder(**dec_args, dtype=dtype)
     key = jax.random.PRNGKey(0)
     x1 = jnp.zeros((1, 8, 16, 16, 16), jnp.float32)
@@ -298,7 +305,7 @@ def main():
     for row in args.rows.split(","):
         env = dict(os.environ, XLA_FLAGS=_user_xla_flags())
         if row.startswith("jax:"):
-            flags, opts = VARIANTS[row[4:]]
+            flags, opts = _variant(row[4:])
             if not opts.get("library_flags", True):  # read when the worker imports dso_jax
                 env["DSO_JAX_NO_XLA_DEFAULTS"] = "1"
             env["XLA_FLAGS"] = (env["XLA_FLAGS"] + " " + flags).strip()

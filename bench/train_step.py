@@ -12,11 +12,12 @@ weights, LoRA r 64 / alpha 128 on to_q/to_kv/to_out/to_qkv, AdamW (lr 5e-6, wd 0
   noise in bf16, DPO reference a frozen deep copy of the wrapped model.
 * ``torch:<loss>:compile``: the same step with the model (and DPO's reference) wrapped in ``torch.compile``
   (inductor, default mode): the strongest PyTorch a DSO user can run.
-* ``jax:<loss>[:remat|:noremat][:policy=P][:xla][:base_bf16]``: ``dso_jax.train.make_train_step`` with the
-  trainer's default configuration (``configs/<loss>.py``: bf16 compute, fp32 master base weights, its
+* ``jax:<loss>[:remat|:noremat][:policy=P][:attn=IMPL][:xla][:base_bf16]``: ``dso_jax.train.make_train_step`` with
+  the trainer's default configuration (``configs/<loss>.py``: bf16 compute, fp32 master base weights, its
   ``model.remat`` / ``model.remat_policy``); ``remat`` / ``noremat`` force rematerialisation on / off,
-  ``policy=P`` sets what a rematerialised block keeps (``dso_jax.models.remat.POLICIES``), ``xla`` uses XLA
-  attention instead of cuDNN, ``base_bf16`` passes the frozen base already cast to bf16.
+  ``policy=P`` sets what a rematerialised block keeps (``dso_jax.models.remat.POLICIES``), ``attn=IMPL`` sets
+  ``model.attn_impl`` (``attn=mgpu[:BQxBKVxSTEPS]``: the Mosaic-GPU kernel), ``xla`` uses XLA attention
+  instead of cuDNN, ``base_bf16`` passes the frozen base already cast to bf16.
 
 Each variant runs in its own process, so peak memory is per variant (JAX: ``peak_bytes_in_use``
 without preallocation; PyTorch: ``max_memory_allocated``). Prints one table; ``--tiny`` runs a
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -82,7 +84,8 @@ def run_jax(loss: str, flags: set, a) -> dict:
     policy = next((f.split("=", 1)[1] for f in flags if f.startswith("policy=")), config.model.remat_policy)
     dtype = jnp.bfloat16
     module = pretrained.model_from_config("SparseStructureFlowModel", dict(args, use_checkpoint=remat), dtype=dtype)
-    module = module.clone(attn_impl="xla" if "xla" in flags else config.model.attn_impl, remat_policy=policy)
+    attn = next((f.split("=", 1)[1] for f in flags if f.startswith("attn=")), config.model.attn_impl)
+    module = module.clone(attn_impl="xla" if "xla" in flags else attn, remat_policy=policy)
     apply_fn = pretrained.make_apply_fn(module)
     # drawn on the host from the shapes alone (the released model's jitted Flax init is slow)
     base = jax.tree.map(jnp.asarray, pretrained.random_params(pretrained.abstract_params(module), seed=0))
@@ -202,7 +205,7 @@ def run_torch(loss: str, flags: set, a) -> dict:
 
 # ------------------------------------------------------------------------------------------- driver
 def _child(variant: str, a) -> dict:
-    side, loss, *flags = variant.split(":")
+    side, loss, *flags = re.split(r":(?!\d)", variant)  # 'attn=mgpu:64x128x2' stays one flag
     if loss not in ("dro", "dpo"):
         raise SystemExit(f"variant {variant!r}: loss must be dro or dpo")
     out = (run_jax if side == "jax" else run_torch)(loss, set(flags), a)

@@ -1,7 +1,9 @@
 """Multi-head attention of TRELLIS's dense transformer blocks, in Flax.
 
 Attention itself goes through ``jax.nn.dot_product_attention``: the cuDNN fused kernel on GPU for
-half-precision inputs (4x faster than XLA's default in our probe), XLA elsewhere.
+half-precision inputs (4x faster than XLA's default in our probe), XLA elsewhere. ``'mgpu'`` selects the Pallas
+Mosaic-GPU flash kernel for Hopper (``jax.experimental.pallas.ops.gpu.attention_mgpu``) where it applies (no
+padding mask, key count a multiple of its key tile) and cuDNN otherwise; ``'mgpu:BQxBKVxSTEPS'`` sets its tiles.
 """
 
 from __future__ import annotations
@@ -20,16 +22,50 @@ Dtype = Any
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+MGPU_TILES = (64, 128, 2)  # block_q, block_kv, max_concurrent_steps of the Mosaic-GPU kernel (bench/attention.py)
+
+
 def resolve_attention_impl(implementation: str, dtype) -> Optional[str]:
-    """'auto' -> 'cudnn' on GPU for bf16/fp16, else XLA (None). 'xla' / 'cudnn' force one."""
+    """'auto' -> 'cudnn' on GPU for bf16/fp16, else XLA (None). 'xla' / 'cudnn' force one; 'mgpu[:...]' is
+    returned as given on GPU for half precision (``dot_product_attention`` falls back to cuDNN where it cannot)."""
+    on_gpu_half = jax.default_backend() == "gpu" and jnp.dtype(dtype) in _HALF
     if implementation == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        return "cudnn" if on_gpu and jnp.dtype(dtype) in _HALF else None
+        return "cudnn" if on_gpu_half else None
     if implementation == "xla":
         return None
     if implementation == "cudnn":
         return "cudnn"
-    raise ValueError(f"attention implementation must be 'auto', 'xla' or 'cudnn', got {implementation!r}")
+    if implementation == "mgpu" or implementation.startswith("mgpu:"):
+        _mgpu_tiles(implementation)  # a malformed tile spec fails here, on every backend
+        return implementation if on_gpu_half else None
+    raise ValueError(
+        f"attention implementation must be 'auto', 'xla', 'cudnn' or 'mgpu[:BQ,BKV,STEPS]', got {implementation!r}"
+    )
+
+
+def _mgpu_tiles(implementation: str) -> tuple:
+    if implementation == "mgpu":
+        return MGPU_TILES
+    try:
+        tiles = tuple(int(t) for t in implementation.split(":", 1)[1].split("x"))
+    except ValueError:
+        tiles = ()
+    if len(tiles) != 3:
+        raise ValueError(f"attention implementation 'mgpu:BQxBKVxSTEPS' needs three integers, got {implementation!r}")
+    return tiles
+
+
+def _mgpu_attention(q, k, v, tiles):
+    """The Mosaic-GPU flash kernel (forward and backward) with TRELLIS's softmax scale folded into q."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    bq, bkv, steps = tiles
+    cfg = attention_mgpu.TuningConfig(
+        block_q=bq, block_kv=bkv, max_concurrent_steps=steps,
+        block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64,
+    )  # fmt: skip
+    scale = 1.0 / np.sqrt(q.shape[-1])  # 1/8 at head dim 64: exact in bf16
+    return attention_mgpu.attention((q * scale).astype(q.dtype), k, v, cfg)
 
 
 def dot_product_attention(q, k, v, implementation: str = "auto", lengths=None):
@@ -39,6 +75,12 @@ def dot_product_attention(q, k, v, implementation: str = "auto", lengths=None):
     ``lengths[b]`` tokens only, and its padding queries return 0 (cuDNN's padding mask on GPU).
     """
     impl = resolve_attention_impl(implementation, q.dtype)
+    if impl is not None and impl.startswith("mgpu"):
+        tiles = _mgpu_tiles(impl)
+        fits = lengths is None and q.shape[1] % (2 * tiles[0]) == 0 and k.shape[1] % tiles[1] == 0
+        if fits and q.shape[-1] % 64 == 0:
+            return _mgpu_attention(q, k, v, tiles)
+        impl = "cudnn"  # a padding mask or a ragged key count: cuDNN's kernel
     if lengths is None:
         return jax.nn.dot_product_attention(q, k, v, implementation=impl)
     lengths = lengths.astype(jnp.int32)
