@@ -1,8 +1,8 @@
 """Image-to-3D tools as specs, on CPU with the tiny random-weight preset (no weight files).
 
 sample.py: image -> y-up watertight GLB + TRELLIS-layout latent / coords; --lora changes the output.
-generate_data.py: two prompt folders (one corrupt image) -> TFDS dataset -> train_and_evaluate; resume skips
-finished images. generate_eval.py: {uid}-{view}_{k:03d}.glb with and without a LoRA; explicit id filter.
+generate_data.py: two prompt folders (one corrupt image) -> TFDS dataset -> the offline trainer's pairs; resume
+skips finished images. generate_eval.py: {uid}-{view}_{k:03d}.glb with and without a LoRA; explicit id filter.
 Scripts run in-process through their main(argv), so compiled pipelines are shared between tests.
 """
 
@@ -201,7 +201,7 @@ def test_noise_is_keyed_by_seed_only_and_a_noise_file_is_checked(tmp_path):
         pipeline.load_noise(path, 4, shape)
 
 
-def test_generate_data_to_tfds_to_training_with_resume(tmp_path, capsys):
+def test_generate_data_to_tfds_to_the_trainers_pairs_with_resume(tmp_path, capsys):
     from configs import dro
     from dso_jax import train
     from dso_jax.data import tfds_dso
@@ -234,21 +234,30 @@ def test_generate_data_to_tfds_to_training_with_resume(tmp_path, capsys):
     _script("generate_data")(argv)
     log = capsys.readouterr().out
     assert "0 images generated, 3 already done, 1 failed" in log
-    _, meta = tfds_dso.open_dataset(out)
+    records, meta = tfds_dso.open_dataset(out)
     assert meta["objects"][0]["angles"] == [5.0, 45.0, 90.0] * 2
 
     with pytest.raises(ValueError, match=r"settings differ .*sampler"):
         _script("generate_data")([*argv, "--steps", "3"])
 
+    # the offline trainer's own pair source reads it: DSO's pairs (a stable winner, an unstable loser of one view)
     config = dro.get_config("tiny")
     config.data.kind, config.data.path = "tfds", out
     for key, value in pretrained.RANDOM_PRESETS["tiny"][0].items():
         config.model.args[key] = value
-    config.train.steps, config.train.ckpt_every, config.train.log_every = 2, 2, 1
-    config.train.batch_size, config.train.grad_accum = 2, 1
-    summary = train.train_and_evaluate(config, str(tmp_path / "run"))
-    assert np.isfinite(summary["loss"])
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
+    config.train.grad_accum = 1
+    train.validate(config)
+    source = train.make_pair_source(config, str(tmp_path / "run"), global_batch=2)
+    batch, rows = source.batch(0), source.pairs(0)
+    source.close()
+    assert batch["cond"].shape == (1, 2, 1374, 64) and batch["x0_win"].shape == (1, 2, 8, 16, 16, 16)
+    for b, (obj, view, win, lose) in enumerate(rows[0]):
+        rec = records[obj]
+        np.testing.assert_array_equal(batch["cond"][0, b], rec["cond"][view])
+        np.testing.assert_array_equal(batch["x0_win"][0, b], rec["latents"][win])
+        np.testing.assert_array_equal(batch["x0_lose"][0, b], rec["latents"][lose])
+        angles = meta["objects"][obj]["angles"]
+        assert angles[win] < config.data.stable_threshold <= angles[lose]
 
 
 def test_generate_eval_names_meshes_for_the_evaluators_with_and_without_lora(tmp_path, peft_file):

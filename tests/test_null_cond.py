@@ -29,7 +29,8 @@ SLAT_ARGS = dict(
 
 def _model(name, args, seed=0):
     module = pretrained.model_from_config(name, args)
-    return pretrained.make_apply_fn(module), pretrained.random_params(pretrained.abstract_params(module), seed)
+    apply_fn = jax.jit(pretrained.make_apply_fn(module))  # one compile per (shape, cond or None), not op by op
+    return apply_fn, pretrained.random_params(pretrained.abstract_params(module), seed)
 
 
 def _rel(a, b):
