@@ -22,6 +22,8 @@ from dso_jax.convert.rules import BUFFER
 from dso_jax.convert.trellis import (
     F16,
     F32,
+    FLOW_ARGS,
+    RELEASED_FLOW_ARGS,
     ConversionError,
     Entry,
     _linear,
@@ -35,44 +37,13 @@ SLAT_FLOW = "SLatFlowModel"
 SLAT_FLOW_NAMES = (SLAT_FLOW, "ElasticSLatFlowModel")  # the training config's name: same parameters and forward
 SLAT_FLOW_NAME = "slat_flow_img_dit_L_64l8p2_fp16"  # the released checkpoint (pipeline.json role slat_flow_model)
 
-# Constructor defaults of SLatFlowModel (json args may omit them); None marks a required arg.
-SLAT_FLOW_ARGS = dict(
-    resolution=None,
-    in_channels=None,
-    model_channels=None,
-    cond_channels=None,
-    out_channels=None,
-    num_blocks=None,
-    num_heads=None,
-    num_head_channels=64,
-    mlp_ratio=4,
-    patch_size=2,
-    num_io_res_blocks=2,
-    io_block_channels=None,
-    pe_mode="ape",
-    use_fp16=False,
-    use_checkpoint=False,
-    use_skip_connection=True,
-    share_mod=False,
-    qk_rms_norm=False,
-    qk_rms_norm_cross=False,
-)
-# The released json args (ckpts/slat_flow_img_dit_L_64l8p2_fp16.json, trellis.md §4.1).
+# Constructor defaults of SLatFlowModel (json args may omit them); None marks a required arg. The SS flow's, plus
+# the sparse input/output blocks and the U-Net skips.
+SLAT_FLOW_ARGS = dict(FLOW_ARGS, num_io_res_blocks=2, io_block_channels=None, use_skip_connection=True)
+# The released json args (ckpts/slat_flow_img_dit_L_64l8p2_fp16.json, trellis.md §4.1): the SS flow's widths at
+# resolution 64 with 2x2x2 patches and one 128-channel io level.
 RELEASED_SLAT_FLOW_ARGS = dict(
-    resolution=64,
-    in_channels=8,
-    out_channels=8,
-    model_channels=1024,
-    cond_channels=1024,
-    num_blocks=24,
-    num_heads=16,
-    mlp_ratio=4,
-    patch_size=2,
-    num_io_res_blocks=2,
-    io_block_channels=[128],
-    pe_mode="ape",
-    qk_rms_norm=True,
-    use_fp16=True,
+    RELEASED_FLOW_ARGS, resolution=64, patch_size=2, num_io_res_blocks=2, io_block_channels=[128]
 )
 
 
