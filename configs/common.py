@@ -125,6 +125,10 @@ def get_config() -> ml_collections.ConfigDict:
     # The training candidates' sampler steps (0: sampler.steps). Fewer steps make a round cheaper; the held-out
     # protocol always samples with ``sampler`` (so "before" and "after" stay comparable).
     c.online.sampler_steps = 0
+    # The online step's and the held-out protocol's samplers draw this many latents at a time (0: all B·K at once;
+    # ``batching.map_rows``, the same samples). On a CPU, chunks of 8 keep XLA's buffers in malloc's heap and in
+    # cache instead of fresh page-faulted mmaps (bench/RESULTS.md, issue 15); on an accelerator leave 0.
+    c.online.sample_rows = 0
 
     # Online mode decodes the sampled latents to occupancy before simulating them.
     c.decoder = ml_collections.ConfigDict()

@@ -3,7 +3,9 @@
 Jitted functions compile once per input shape. ``map_in_chunks`` feeds ``fn`` chunks of exactly
 ``batch`` rows (the last one padded by repeating its final row, so padding is always valid input),
 cuts every output back to the real rows and concatenates the chunks. Inputs and outputs are pytrees
-whose leaves share the leading axis; outputs come back as numpy arrays.
+whose leaves share the leading axis; outputs come back as numpy arrays. ``map_rows`` is the same inside
+a jit (``lax.map`` over equal chunks, differentiable): on a CPU, model calls on a few rows at a time keep
+XLA's buffers small enough for malloc to reuse and for the cache (bench/RESULTS.md, issue 15).
 """
 
 from __future__ import annotations
@@ -41,6 +43,24 @@ def map_in_chunks(fn: Callable[..., Any], tree, batch: int, *, with_index: bool 
         out = fn(chunk, i) if with_index else fn(chunk)
         outs.append(jax.tree.map(lambda y: np.asarray(jax.device_get(y))[:m], out))
     return jax.tree.map(lambda *ys: np.concatenate(ys, axis=0), *outs)
+
+
+def map_rows(fn: Callable[..., Any], rows: int) -> Callable[..., Any]:
+    """``fn(*args)`` computed ``rows`` leading rows at a time inside a jit (``lax.map``; differentiable).
+
+    Every array argument (None passes through) and every output leaf shares the leading axis N; with
+    ``rows`` 0, or N not a multiple of ``rows`` larger than it, ``fn`` runs on all N rows at once.
+    """
+
+    def mapped(*args):
+        n = _rows([a for a in args if a is not None])
+        if rows <= 0 or rows >= n or n % rows:
+            return fn(*args)
+        split = lambda a: None if a is None else a.reshape((n // rows, rows) + a.shape[1:])  # noqa: E731
+        out = jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in args))
+        return jax.tree.map(lambda y: y.reshape((n,) + y.shape[2:]), out)
+
+    return mapped
 
 
 def _rows(tree) -> int:

@@ -12,7 +12,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from dso_jax import lora
+from dso_jax import flow, lora
+from dso_jax.batching import map_rows
 from dso_jax.models.layers import cast_block_weights
 from dso_jax.models.ss_decoder import occupancy_from_logits
 from dso_jax.sampling import sample_from_config
@@ -44,19 +45,22 @@ def make_candidates_fn(
     num_candidates: int,
     *,
     sim_upsample: int = 1,
+    rows: int = 0,
 ):
     """``candidates(params, dec_params, cond (B, S, Cc), key) -> dict`` of z (B, K, C, R, R, R) and occ
     (B, K, D, D, D), and with a ``stability_fn`` stable / angle / valid (B, K); K = ``num_candidates``,
     ``params`` already merged (:func:`policy_params`). The noise of all B·K samples is one draw from ``key``.
     The simulator sees the decoded grid upsampled ``sim_upsample`` times (:func:`upsample`; the toy codec's
-    32³ on TRELLIS's 64³ grid); ``occ`` stays the decoded grid."""
+    32³ on TRELLIS's 64³ grid); ``occ`` stays the decoded grid. ``rows`` > 0 samples that many of the B·K
+    latents at a time (``batching.map_rows``; the same samples, computed in chunks)."""
     k = num_candidates
 
     def candidates(params, dec_params, cond, key):
         b = cond.shape[0]
         cond_k = jnp.repeat(cond, k, axis=0)  # (B K, S, Cc), candidates of a condition adjacent
-        noise = jax.random.normal(key, (b * k,) + tuple(latent_shape), jnp.float32)
-        z = sample_from_config(apply_fn, params, noise, cond_k, sampler_cfg)  # (B K, C, R, R, R)
+        noise = flow.normal(key, (b * k,) + tuple(latent_shape))
+        draw = map_rows(lambda n, c: sample_from_config(apply_fn, params, n, c, sampler_cfg), rows)
+        z = draw(noise, cond_k)  # (B K, C, R, R, R)
         occ = occupancy_from_logits(decode_fn(dec_params, z))  # (B K, D, D, D)
         out = {"z": z.reshape((b, k) + z.shape[1:]), "occ": occ.reshape((b, k) + occ.shape[1:])}
         if stability_fn is not None:

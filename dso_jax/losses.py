@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dso_jax import lora
-from dso_jax.flow import TIME_SCALE, noisy_latent, per_sample_mse, sample_t, velocity_target
+from dso_jax.flow import TIME_SCALE, noisy_latent, normal, per_sample_mse, sample_t, velocity_target
 
 ApplyFn = Callable[..., jax.Array]  # apply_fn(params, x (B,C,D,H,W), t (B,) in [0, 1000], cond (B,S,Cc)) -> v
 Metrics = Dict[str, jax.Array]
@@ -52,7 +52,7 @@ def draw_noise(rng, batch, cfg, *, pairs: bool = True) -> Tuple[jax.Array, jax.A
     b = x0_w.shape[0]
     k_t, k_eps = jax.random.split(rng)
     t = sample_t(k_t, (b,), cfg.flow.t_mu, cfg.flow.t_sigma)
-    eps = jax.random.normal(k_eps, ((2 if pairs else 1) * b,) + tuple(x0_w.shape[1:]), jnp.float32)
+    eps = normal(k_eps, ((2 if pairs else 1) * b,) + tuple(x0_w.shape[1:]))
     return t, eps
 
 

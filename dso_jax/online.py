@@ -81,6 +81,7 @@ def make_online_step(
         latent_shape,
         config.online.num_candidates,
         sim_upsample=config.decoder.sim_upsample,
+        rows=config.online.sample_rows,
     )
     loss_fn = online_losses.online_loss(config.loss)
     updates = config.online.updates_per_sample
@@ -160,6 +161,8 @@ def validate(config) -> None:
             f"online.update_conditions must be in [0, train.batch_size = {config.train.batch_size}] (0: all), "
             f"got {config.online.update_conditions}"
         )
+    if config.online.sample_rows < 0:
+        raise ValueError(f"online.sample_rows must be >= 0 (0: all at once), got {config.online.sample_rows}")
     if config.online.sampler_steps < 0:
         raise ValueError(f"online.sampler_steps must be >= 0 (0: sampler.steps), got {config.online.sampler_steps}")
     if config.decoder.sim_upsample < 1:
@@ -197,6 +200,7 @@ def _protocol(config) -> dict:
                 "sampler": config.sampler.to_dict(),
                 "physics": config.physics.to_dict(),
                 "model": config.model.path,
+                "sample_rows": config.online.sample_rows,
                 "decoder": config.decoder.to_dict(),
             },
             default=str,
@@ -303,6 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 shape,
                 config.eval.num_candidates,
                 sim_upsample=config.decoder.sim_upsample,
+                rows=config.online.sample_rows,
             )
         )
         held = heldout.heldout_set(config.eval.seed, config.eval.num_conditions)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from dso_jax import lora, losses
-from dso_jax.flow import TIME_SCALE, noisy_latent, sample_t, velocity_target
+from dso_jax.flow import TIME_SCALE, noisy_latent, normal, sample_t, velocity_target
 
 ApplyFn = Callable[..., jax.Array]
 Metrics = Dict[str, jax.Array]
@@ -89,7 +89,7 @@ def _flat_inputs(batch, rng, cfg):
     k_t, k_eps = jax.random.split(rng)
     t = jnp.repeat(sample_t(k_t, (b,), cfg.flow.t_mu, cfg.flow.t_sigma), k)  # (B K,)
     x0 = z.reshape((b * k,) + z.shape[2:]).astype(jnp.float32)  # (B K, C, R, R, R)
-    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+    eps = normal(k_eps, x0.shape)
     return x0, jnp.repeat(cond, k, axis=0), t, eps
 
 

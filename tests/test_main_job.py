@@ -1,6 +1,6 @@
 """The README's main job (online NFT on the toy world), shortened: it runs end to end from the shipped toy
 weights, reports the held-out protocol's figures, writes the curve and the figures, and a rerun of the
-finished job leaves its summary alone."""
+finished job leaves its summary alone (one test: the job runs once per suite)."""
 
 import json
 import os
@@ -35,20 +35,8 @@ def _shorten(config):
     return config
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    config = _shorten(nft.get_config("toy"))
-    assert os.path.isdir(config.model.path), f"the main job needs the shipped toy model at {config.model.path}"
-    workdir = str(tmp_path_factory.mktemp("main_job"))
-    returned = online.train_and_evaluate(config, workdir)
-    return config, workdir, returned
-
-
-def test_summary_holds_the_protocols_figures_of_the_pretrained_model(job):
-    config, workdir, returned = job
-    with open(os.path.join(workdir, "summary.json")) as f:
-        summary = json.load(f)
-    assert summary == returned
+def _protocol_before(config) -> dict:
+    """The held-out protocol on the pretrained model, computed here (its own jitted candidates function)."""
     apply_fn, base = load_pretrained(config.model.path)
     stability = make_stability_fn(config.physics)
     cands = jax.jit(
@@ -64,13 +52,28 @@ def test_summary_holds_the_protocols_figures_of_the_pretrained_model(job):
     )
     held = heldout.heldout_set(config.eval.seed, config.eval.num_conditions)
     res = heldout.evaluate(cands, policy_params(base, None, jnp.float32), {}, held, seed=config.eval.seed, batch=2)
+    return res["summary"]
+
+
+def test_main_job_reports_the_protocols_figures_writes_its_curve_and_keeps_a_finished_summary(tmp_path, capsys):
+    """One test, so that pytest-xdist's workers do not each run the job: (1) summary.json is what the job
+    returns, its "before" figures are the protocol's on the pretrained model; (2) metrics, the held-out curve,
+    the figures and the LoRA exports; (3) rerunning the finished job prints its table and leaves it alone."""
+    config = _shorten(nft.get_config("toy"))
+    assert os.path.isdir(config.model.path), f"the main job needs the shipped toy model at {config.model.path}"
+    workdir = str(tmp_path / "main_job")
+    summary = online.train_and_evaluate(config, workdir)
+
+    # (1) the summary and the protocol's figures of the pretrained model
+    path = os.path.join(workdir, "summary.json")
+    with open(path) as f:
+        assert json.load(f) == summary
+    before = _protocol_before(config)
     for k in ("stable_rate", "mean_angle", "iou"):
-        assert summary[f"{k}_before"] == pytest.approx(res["summary"][k], rel=1e-6), k
+        assert summary[f"{k}_before"] == pytest.approx(before[k], rel=1e-6), k
     assert (summary["loss"], summary["steps"], summary["eval_conditions"]) == ("nft", 3, 3)
 
-
-def test_metrics_curve_and_figures(job):
-    _, workdir, summary = job
+    # (2) metrics, curve, figures, exports
     rows = read_rows(workdir)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     curve = summary["heldout_curve"]
@@ -81,10 +84,8 @@ def test_metrics_curve_and_figures(job):
         assert os.path.getsize(os.path.join(workdir, png)) > 10_000, png
     assert sorted(os.listdir(os.path.join(workdir, "peft"))) == ["step_0000002.safetensors", "step_0000003.safetensors"]
 
-
-def test_rerunning_the_finished_job_keeps_its_summary(job, capsys):
-    config, workdir, summary = job
-    path = os.path.join(workdir, "summary.json")
+    # (3) a rerun of the finished job
+    capsys.readouterr()
     stamp = os.stat(path).st_mtime_ns
     again = online.train_and_evaluate(config, workdir)
     assert again == summary and os.stat(path).st_mtime_ns == stamp  # seconds and all, untouched

@@ -11,6 +11,8 @@ import pytest
 
 from configs import nft
 from dso_jax import lora, online, online_losses
+from dso_jax.candidates import make_candidates_fn
+from dso_jax.flow import normal
 from dso_jax.models import SparseStructureFlowModel
 from dso_jax.physics.rollout import default_sim_config, make_stability_fn
 from dso_jax.toy import codec as toy_codec
@@ -33,7 +35,7 @@ def _tiny_model():
         patch_size=4,
         qk_rms_norm=True,
     )
-    cond = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 16))
+    cond = normal(jax.random.PRNGKey(1), (2, 8, 16))
     base = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 16, 16, 16)), jnp.zeros((1,)), cond[:1])[
         "params"
     ]
@@ -101,7 +103,7 @@ def test_one_compiled_step_samples_simulates_and_updates_only_the_overlay():
 def test_dro_loss_moves_towards_stable_candidates():
     cfg, apply_fn, _, _, base, cond = _tiny_setup()
     overlay = lora.init_overlay(jax.random.PRNGKey(2), base, rank=2, alpha=4.0)
-    z = jax.random.normal(jax.random.PRNGKey(5), (2, 4, 8, 16, 16, 16))
+    z = normal(jax.random.PRNGKey(5), (2, 4, 8, 16, 16, 16))
     stable = jnp.array([[True, False, True, False], [False, False, True, False]])
     batch = {"cond": cond, "z": z, "stable": stable}
     loss_fn = online_losses.online_loss("dro")
@@ -113,7 +115,7 @@ def test_dro_loss_moves_towards_stable_candidates():
 
     t = jnp.repeat(sample_t(t_key, (2,), 1.0, 1.0), 4)
     x0 = z.reshape(8, 8, 16, 16, 16)
-    eps = jax.random.normal(eps_key, x0.shape)
+    eps = normal(eps_key, x0.shape)
     l = np.asarray(jax.jit(flow_losses, static_argnums=0)(apply_fn, base, x0, jnp.repeat(cond, 4, axis=0), t, eps))
     l = l.reshape(2, 4)
     s = np.asarray(stable)
@@ -153,6 +155,17 @@ def test_training_candidates_take_online_sampler_steps_and_the_protocol_keeps_it
     config.online.sampler_steps = 4
     assert online.train_sampler(config).steps == 4 and config.sampler.steps == 10
     assert online._protocol(config)["sampler"]["steps"] == 10  # held out: always config.sampler
+
+
+def test_candidates_sampled_in_chunks_are_the_same_samples():
+    """``online.sample_rows``: the B·K latents drawn a few at a time (``batching.map_rows``) are the same."""
+    cfg, apply_fn, decode_fn, _, base, cond = _tiny_setup()
+    draw = lambda rows: jax.jit(  # noqa: E731
+        make_candidates_fn(apply_fn, decode_fn, None, cfg.sampler, (8, 16, 16, 16), 4, rows=rows)
+    )(base, {}, cond, jax.random.PRNGKey(9))
+    whole, chunked = draw(0), draw(2)
+    np.testing.assert_allclose(np.asarray(chunked["z"]), np.asarray(whole["z"]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(chunked["occ"]), np.asarray(whole["occ"]))
 
 
 def test_old_decay_ramps_linearly_to_its_cap():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dso_jax import lora, online_losses
-from dso_jax.flow import TIME_SCALE, noisy_latent, sample_t, velocity_target
+from dso_jax.flow import TIME_SCALE, noisy_latent, normal, sample_t, velocity_target
 from dso_jax.models import SparseStructureFlowModel
 
 torch = pytest.importorskip("torch")
@@ -88,8 +88,8 @@ def twin_nft(v, v_old, v_ref, x0, eps, t, r, mask, beta, clip, kl_weight):
 
 def _velocities(seed=0, n=6, shape=(2, 3, 3, 3)):
     ks = jax.random.split(jax.random.PRNGKey(seed), 6)
-    x0, eps, v_old, v_ref = (jax.random.normal(k, (n,) + shape) for k in ks[:4])
-    v = v_old + 0.3 * jax.random.normal(ks[4], (n,) + shape)
+    x0, eps, v_old, v_ref = (normal(k, (n,) + shape) for k in ks[:4])
+    v = v_old + 0.3 * normal(ks[4], (n,) + shape)
     t = jax.random.uniform(ks[5], (n,), minval=0.05, maxval=0.95)
     r = jnp.array([0.9, 0.2, 0.5, 0.7, 0.1, 0.6])
     mask = jnp.array([1.0, 1.0, 1.0, 1.0, 0.0, 1.0])
@@ -157,16 +157,16 @@ def tiny():
         patch_size=1,
         qk_rms_norm=True,
     )
-    cond = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 8))
+    cond = normal(jax.random.PRNGKey(1), (2, 5, 8))
     base = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 2, 4, 4, 4)), jnp.zeros((1,)), cond[:1])["params"]
     apply_fn = lambda p, x, t, c: model.apply({"params": p}, x, t, c)  # noqa: E731
 
     def overlay(seed, scale):
         ov = lora.init_overlay(jax.random.PRNGKey(seed), base, rank=2, alpha=4.0)
-        noise = lambda x: x + scale * jax.random.normal(jax.random.PRNGKey(seed + 100), x.shape)  # noqa: E731
+        noise = lambda x: x + scale * normal(jax.random.PRNGKey(seed + 100), x.shape)  # noqa: E731
         return ov.replace(factors=jax.tree.map(noise, ov.factors))
 
-    z = jax.random.normal(jax.random.PRNGKey(5), (2, 3, 2, 4, 4, 4))
+    z = normal(jax.random.PRNGKey(5), (2, 3, 2, 4, 4, 4))
     stable = jnp.array([[True, False, False], [False, True, True]])
     batch = {"cond": cond, "z": z, "stable": stable}
     cfg = ml_collections.ConfigDict(dict(flow=dict(t_mu=1.0, t_sigma=1.0), nft=_nft_cfg(kl_weight=0.5).to_dict()))
@@ -182,7 +182,7 @@ def test_nft_loss_reads_the_overlay_the_old_policy_and_the_base(tiny):
     k_t, k_eps = jax.random.split(rng)
     t = jnp.repeat(sample_t(k_t, (2,), 1.0, 1.0), 3)
     x0 = batch["z"].reshape((6,) + batch["z"].shape[2:])
-    eps = jax.random.normal(k_eps, x0.shape)
+    eps = normal(k_eps, x0.shape)
     cond = jnp.repeat(batch["cond"], 3, axis=0)
     x_t = noisy_latent(x0, eps, t)
     apply = jax.jit(lambda p: apply_fn(p, x_t, TIME_SCALE * t, cond))
