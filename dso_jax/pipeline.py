@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dso_jax import gaussians, mesh_extract, sampling
+from dso_jax import flow, gaussians, mesh_extract, sampling
 from dso_jax.batching import pad_rows
 from dso_jax.models import dinov2, pretrained
 from dso_jax.models.layers import cast_block_weights
@@ -73,7 +73,8 @@ def stability_fn(physics_json: str):
 
 @functools.lru_cache(maxsize=8)
 def _noise_fn(shape: tuple):
-    return jax.jit(jax.vmap(lambda s: jax.random.normal(jax.random.PRNGKey(s), shape, jnp.float32)))
+    # flow.normal: the same numbers, drawn flat (XLA's CPU compiler takes ~8 s on the vmapped 4-D draw, 0.4 s flat)
+    return jax.jit(jax.vmap(lambda s: flow.normal(jax.random.PRNGKey(s), shape, jnp.float32)))
 
 
 def noise_for_seeds(seeds: Sequence[int], shape: Sequence[int]) -> np.ndarray:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dso_jax import sparse
+from dso_jax import flow, sparse
 from dso_jax.models import pretrained
 from dso_jax.sampling import sample, sample_slat
 
@@ -40,7 +40,7 @@ def _rel(a, b):
 
 def test_ss_flow_none_cond_equals_zero_cond():
     apply_fn, params = _model("SparseStructureFlowModel", FLOW_ARGS)
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 8, 8))
+    x = flow.normal(jax.random.PRNGKey(1), (2, 8, 8, 8, 8))
     t = jnp.array([900.0, 300.0])
     zeros = jnp.zeros((2, 11, 32))
     want = apply_fn(params, x, t, zeros)
@@ -52,7 +52,7 @@ def test_ss_flow_none_cond_equals_zero_cond():
 
 def test_sampler_shortcut_matches_batched_zero_cfg():
     apply_fn, params = _model("SparseStructureFlowModel", FLOW_ARGS)
-    noise = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 8, 8))
+    noise = flow.normal(jax.random.PRNGKey(3), (2, 8, 8, 8, 8))
     cond = jax.random.normal(jax.random.PRNGKey(4), (2, 11, 32))
     kw = dict(steps=4, rescale_t=3.0, cfg_strength=5.0, cfg_interval=(0.5, 1.0))
     fast = sample(apply_fn, params, noise, cond, **kw)

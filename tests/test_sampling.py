@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dso_jax import flow
 from dso_jax.sampling import euler_schedule, guided_steps, sample
 
 
@@ -43,7 +44,7 @@ def _reference_loop(params, noise, cond, steps, rescale_t, w, interval):
 
 def test_sample_matches_plain_loop_and_jits():
     key = jax.random.PRNGKey(0)
-    noise = jax.random.normal(key, (3, 2, 4, 4, 4))
+    noise = flow.normal(key, (3, 2, 4, 4, 4))
     cond = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 6))
     params = {"a": jnp.float32(-0.7)}
     kw = dict(steps=12, rescale_t=3.0, cfg_strength=7.5, cfg_interval=(0.5, 1.0))
@@ -53,7 +54,7 @@ def test_sample_matches_plain_loop_and_jits():
 
 
 def test_single_cond_broadcasts_over_batch():
-    noise = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 4, 4, 4))
+    noise = flow.normal(jax.random.PRNGKey(0), (4, 2, 4, 4, 4))
     cond = jax.random.normal(jax.random.PRNGKey(1), (1, 5, 6))
     kw = dict(steps=4, rescale_t=1.0, cfg_strength=3.0, cfg_interval=(0.0, 1.0))
     a = sample(_linear_model, {"a": jnp.float32(0.1)}, noise, cond, **kw)

@@ -15,7 +15,7 @@ def _noise_candidates(k=2, judge=True):
 
     def candidates(params, dec_params, cond, key):
         b = cond.shape[0]
-        occ = jax.random.normal(key, (b, k, 32, 32, 32)) > 1.1 + params
+        occ = jax.random.normal(key, (b * k * 32**3,)).reshape(b, k, 32, 32, 32) > 1.1 + params
         out = {"occ": occ, "z": jnp.zeros((b, k, 1))}
         if judge:
             frac = jnp.mean(occ, axis=(2, 3, 4))
