@@ -14,7 +14,7 @@ def apply_toy(c):
     # The anchor to the frozen base: at DiffusionNFT's 1e-4 it is inert here; 30 binds and stalls the stable
     # rate (0.776 after 48 steps at lr 5e-4); 3 and 10 give the same trajectory at lr 1e-3 (RESULTS).
     c.nft.kl_weight = 3.0
-    c.online.sample_rows = 8  # 8 latents per sampler call: the same samples, -27% wall on 2 cores (RESULTS)
+    c.online.sample_rows = 8  # 8 latents per sampler call: the same samples, a fraction of the page faults (RESULTS)
     c.eval.every = 0  # held out before and after only (each evaluation: 192 samples, ~150 s of CPU)
     return c
 

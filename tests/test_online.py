@@ -50,7 +50,7 @@ def _tiny_setup(loss="dro"):
     cfg.dpo = ml_collections.ConfigDict(dict(beta=500.0))
     cfg.sampler = ml_collections.ConfigDict(dict(steps=3, cfg_strength=2.0, cfg_interval=(0.5, 1.0), rescale_t=3.0))
     cfg.online = ml_collections.ConfigDict(
-        dict(num_candidates=4, updates_per_sample=2, update_conditions=0, sampler_steps=0)
+        dict(num_candidates=4, updates_per_sample=2, update_conditions=0, sampler_steps=0, sample_rows=2)
     )
     cfg.train = ml_collections.ConfigDict(dict(batch_size=2))
     cfg.decoder = ml_collections.ConfigDict(dict(sim_upsample=1))
