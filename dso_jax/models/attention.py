@@ -39,7 +39,7 @@ def resolve_attention_impl(implementation: str, dtype) -> Optional[str]:
         _mgpu_tiles(implementation)  # a malformed tile spec fails here, on every backend
         return implementation if on_gpu_half else None
     raise ValueError(
-        f"attention implementation must be 'auto', 'xla', 'cudnn' or 'mgpu[:BQ,BKV,STEPS]', got {implementation!r}"
+        f"attention implementation must be 'auto', 'xla', 'cudnn' or 'mgpu[:BQxBKVxSTEPS]', got {implementation!r}"
     )
 
 
