@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     # What a rematerialised block keeps for the backward pass (dso_jax.models.remat.POLICIES): 'nothing' recomputes
     # the whole block (TRELLIS's use_checkpoint); 'attention' keeps the attention kernels' outputs.
     c.model.remat_policy = "nothing"
-    c.model.attn_impl = "auto"  # 'auto' | 'xla' | 'cudnn'
+    c.model.attn_impl = "auto"  # 'auto' | 'xla' | 'cudnn' | 'mgpu[:BQxBKVxSTEPS]' (dso_jax/models/attention.py)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = lora.DSO_RANK
