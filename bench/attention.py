@@ -13,7 +13,7 @@ a CUDA extension and checks each against XLA's float32 softmax attention:
 * ``triton``: the Pallas Triton flash kernel (``jax.experimental.pallas.ops.gpu.attention.mha``).
 
 One line per (shape, kernel, pass) as measured: median ms of ``--reps``, TFLOP/s (4 B H L S D for the forward,
-2.5x that for forward + backward), max |error| against the float32 reference.
+3.5x that for forward + backward), max |error| against the float32 reference.
 
     python bench/attention.py                       # all kernels, self + cross, B = 8 and 12
     python bench/attention.py --kernels cudnn,mgpu --shapes self8
@@ -25,11 +25,12 @@ import argparse
 import functools
 import json
 import math
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from ssflow import _median_time as median_time  # bench/ is on the path when run as a script
+
+from dso_jax.models import attention
 
 SHAPES = {  # name -> (B, L, S, H, D): queries L, keys S
     "self8": (8, 4096, 4096, 16, 64),
@@ -40,14 +41,8 @@ SHAPES = {  # name -> (B, L, S, H, D): queries L, keys S
 
 
 def _median_ms(fn, args, reps):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times)), out
+    out = jax.block_until_ready(fn(*args))  # compile + warm-up
+    return 1e3 * median_time(lambda: jax.block_until_ready(fn(*args)), reps, 0), out
 
 
 def _reference(q, k, v):
@@ -58,16 +53,15 @@ def _reference(q, k, v):
 
 def kernels(names):
     """name -> attention(q, k, v) with softmax scale 1/sqrt(D): the library's implementations and Pallas Triton."""
-    from dso_jax.models.attention import dot_product_attention
 
     out = {}
     for name in ("cudnn", "xla"):
         if name in names:
-            out[name] = functools.partial(dot_product_attention, implementation=name)
+            out[name] = functools.partial(attention.dot_product_attention, implementation=name)
     if "mgpu" in names:  # (where a key tile does not divide the keys the library would run cuDNN: skipped)
         for tiles in ((64, 128, 2), (64, 64, 2), (64, 128, 3), (64, 256, 2)):
             name = "mgpu:" + "x".join(map(str, tiles))
-            out[name] = functools.partial(dot_product_attention, implementation=name)
+            out[name] = functools.partial(attention.dot_product_attention, implementation=name)
     if "triton" in names:
         from jax.experimental.pallas.ops.gpu import attention as tr
 
@@ -97,7 +91,7 @@ def main():
         ref = jax.jit(_reference)(q, k, v)
         flops = 4.0 * b * h * l * s * d
         for name, fn in kernels(a.kernels.split(",")).items():
-            if name.startswith("mgpu") and s % int(name.split("x")[1]):
+            if name.startswith("mgpu") and s % attention._mgpu_tiles(name)[1]:
                 continue  # the library would run cuDNN here
             passes = [("fwd", jax.jit(fn), (q, k, v), flops)]
             if not a.no_backward:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import pretrain_toy as pretrain_config
+from dso_jax import flow
 from dso_jax.candidates import make_candidates_fn
 from dso_jax.toy import codec, heldout, pretrain
 
@@ -15,7 +16,7 @@ def _noise_candidates(k=2, judge=True):
 
     def candidates(params, dec_params, cond, key):
         b = cond.shape[0]
-        occ = jax.random.normal(key, (b * k * 32**3,)).reshape(b, k, 32, 32, 32) > 1.1 + params
+        occ = flow.normal(key, (b, k, 32, 32, 32)) > 1.1 + params
         out = {"occ": occ, "z": jnp.zeros((b, k, 1))}
         if judge:
             frac = jnp.mean(occ, axis=(2, 3, 4))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import pretrain_toy as pretrain_config
+from dso_jax import flow
 from dso_jax.models import load_pretrained
 from dso_jax.toy import codec as toy_codec
 from dso_jax.toy import condition as toy_condition
@@ -61,7 +62,7 @@ def test_flow_loss_is_trellis_objective(micro):
     keep = jax.random.uniform(k_drop, (4,)) >= micro.flow.p_uncond
     cond = jnp.where(keep[:, None, None], toy_condition.condition_tokens(occ), 0.0)
     t = jax.nn.sigmoid(micro.flow.t_mu + micro.flow.t_sigma * jax.random.normal(k_t, (4,)))
-    eps = jax.random.normal(k_eps, (4 * int(np.prod(toy_codec.LATENT_SHAPE)),)).reshape((4,) + toy_codec.LATENT_SHAPE)
+    eps = flow.normal(k_eps, (4,) + toy_codec.LATENT_SHAPE)  # jax.random.normal, drawn flat (tests/test_losses.py)
     x0 = toy_codec.encode(occ)
     s = micro.flow.sigma_min
     tb = t[:, None, None, None, None]

@@ -77,8 +77,8 @@ def dot_product_attention(q, k, v, implementation: str = "auto", lengths=None):
     impl = resolve_attention_impl(implementation, q.dtype)
     if impl is not None and impl.startswith("mgpu"):
         tiles = _mgpu_tiles(impl)
-        fits = lengths is None and q.shape[1] % (2 * tiles[0]) == 0 and k.shape[1] % tiles[1] == 0
-        if fits and q.shape[-1] % 64 == 0:
+        fits = q.shape[1] % (2 * tiles[0]) == 0 and k.shape[1] % tiles[1] == 0 and q.shape[-1] % 64 == 0
+        if lengths is None and fits:
             return _mgpu_attention(q, k, v, tiles)
         impl = "cudnn"  # a padding mask or a ragged key count: cuDNN's kernel
     if lengths is None:
