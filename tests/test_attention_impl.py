@@ -44,7 +44,8 @@ def fake_gpu(monkeypatch):
     calls = {"mgpu": [], "cudnn": []}
 
     def mgpu(q, k, v, cfg):
-        calls["mgpu"].append((cfg.block_q, cfg.block_kv, cfg.max_concurrent_steps))
+        # the kernel's shared-memory tiles are float16 (jax 0.10-0.11): bf16 inputs must arrive as fp16
+        calls["mgpu"].append((cfg.block_q, cfg.block_kv, cfg.max_concurrent_steps, q.dtype, k.dtype, v.dtype))
         return _unscaled(q, k, v)
 
     def cudnn(q, k, v, implementation=None, **kw):
@@ -64,7 +65,8 @@ def test_mgpu_route_folds_the_softmax_scale_into_q(fake_gpu):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=1e-2)
     unscaled = np.asarray(_unscaled(q, k, v), np.float32)
     assert np.abs(np.asarray(got, np.float32) - unscaled).max() > 0.1  # the scale matters at these inputs
-    assert fake_gpu == {"mgpu": [(64, 128, 3)], "cudnn": []}
+    assert got.dtype == q.dtype == jnp.bfloat16  # cast back to the caller's dtype
+    assert fake_gpu == {"mgpu": [(64, 128, 3, jnp.float16, jnp.float16, jnp.float16)], "cudnn": []}
 
 
 def test_mgpu_falls_back_to_cudnn_where_its_tiles_do_not_fit(fake_gpu):

@@ -65,7 +65,11 @@ def _mgpu_attention(q, k, v, tiles):
         block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64,
     )  # fmt: skip
     scale = 1.0 / np.sqrt(q.shape[-1])  # 1/8 at head dim 64: exact in bf16
-    return attention_mgpu.attention((q * scale).astype(q.dtype), k, v, cfg)
+    # the kernel's shared-memory tiles are float16 whatever the input (jax 0.10-0.11): run bf16 inputs in fp16
+    # (3 more mantissa bits; TRELLIS's qk-normed q/k and its values sit far inside fp16's range) and cast back
+    dt = jnp.float16
+    out = attention_mgpu.attention((q * scale).astype(dt), k.astype(dt), v.astype(dt), cfg)
+    return out.astype(q.dtype)
 
 
 def dot_product_attention(q, k, v, implementation: str = "auto", lengths=None):
