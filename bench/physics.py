@@ -21,7 +21,7 @@ def _parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1024,2048,4096,8192,16384")
     p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--impl", default="jax", choices=["jax", "warp"])
+    p.add_argument("--impl", default="auto", choices=["auto", "jax", "warp"], help="MJX backend (auto: the library's)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--triton_gemm_any", action="store_true")
     p.add_argument("--set", action="append", default=[], help="sim config override key=value")
@@ -103,7 +103,7 @@ def main():
     from dso_jax.physics import rollout
 
     cfg = rollout.with_overrides(rollout.default_sim_config(), args.set)
-    cfg.impl = args.impl
+    cfg.impl = rollout.resolve_impl(args.impl)
     dev = jax.devices()[0]
     print(
         f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"

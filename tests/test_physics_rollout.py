@@ -116,11 +116,34 @@ def test_warp_backend_matches_jax_where_installed():
     pytest.importorskip("warp")  # optional backend: warp-lang (NVIDIA GPU; its CPU mode is slow but correct)
     cfg = _cfg()
     cfg.horizon_s = 0.3
+    cfg.impl = "jax"
     occ = jnp.asarray(np.stack([SHAPES["cube"][0][::2, ::2, ::2], SHAPES["tall_box_past_tipping"][0][::2, ::2, ::2]]))
     out_jax = jax.device_get(jax.jit(rollout.make_stability_fn(cfg))(occ))
     cfg.impl = "warp"
     out_warp = jax.device_get(jax.jit(rollout.make_stability_fn(cfg))(occ))
     np.testing.assert_allclose(out_warp["angle"], out_jax["angle"], atol=0.05)
+
+
+def test_auto_backend_is_warp_only_on_one_cuda_gpu_with_warp_installed(monkeypatch):
+    assert rollout.default_sim_config().impl == "auto"
+    assert rollout.resolve_impl("jax") == "jax" and rollout.resolve_impl("warp") == "warp"
+    with pytest.raises(ValueError, match=r"^physics impl must be one of auto, jax, warp, got 'mjx'$"):
+        rollout.resolve_impl("mjx")
+    # this CPU: JAX, whether or not warp-lang is importable
+    monkeypatch.setattr(rollout.importlib.util, "find_spec", lambda name: object() if name == "warp" else None)
+    assert jax.default_backend() == "cpu" and rollout.resolve_impl("auto") == "jax"
+    # a single CUDA device with warp-lang: Warp; without warp-lang: JAX
+    monkeypatch.setattr(rollout.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(rollout.jax, "device_count", lambda: 1)
+    monkeypatch.setattr(rollout.jax, "devices", lambda backend=None: ["cuda:0"])
+    assert rollout.resolve_impl("auto") == "warp"
+    monkeypatch.setattr(rollout.jax, "device_count", lambda: 2)  # a mesh of two GPUs keeps JAX
+    monkeypatch.setattr(rollout.jax, "devices", lambda backend=None: ["cuda:0", "cuda:1"])
+    assert rollout.resolve_impl("auto") == "jax"
+    monkeypatch.setattr(rollout.jax, "device_count", lambda: 1)
+    monkeypatch.setattr(rollout.jax, "devices", lambda backend=None: ["cuda:0"])
+    monkeypatch.setattr(rollout.importlib.util, "find_spec", lambda name: None)
+    assert rollout.resolve_impl("auto") == "jax"
 
 
 def test_command_line_overrides_keep_types_and_name_bad_keys():
