@@ -48,7 +48,17 @@ def build(batch, attn_impl, patch=None):
     return lambda: fwd(params, x, t, c).block_until_ready()
 
 
-def kernel_table(fn, n=3, top=25):
+CATEGORIES = (  # kernel-name pattern -> what it is (first match wins)
+    ("attention (cuDNN flash / fmha)", re.compile(r"flash|fmha|cudnn|sdpa|attention", re.I)),
+    ("GEMM (cuBLAS nvjet / cutlass / triton gemm)", re.compile(r"nvjet|gemm|cutlass|sm90_xmma|triton_gemm", re.I)),
+    ("convert (dtype casts)", re.compile(r"convert", re.I)),
+    ("reduce / norm fusions", re.compile(r"reduce|norm", re.I)),
+    ("copy / transpose", re.compile(r"copy|transpose|memcpy|memset", re.I)),
+)
+
+
+def trace_kernels(fn, n=3):
+    """{kernel name: GPU ms per call of fn}, from a jax.profiler trace of n calls."""
     import jax
 
     d = tempfile.mkdtemp()
@@ -63,9 +73,25 @@ def kernel_table(fn, n=3, top=25):
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e:
             name = re.sub(r"[_.]\d+$", "", e["name"])[:70]
-            totals[name] += e["dur"] / 1e3 / n  # ms per forward
+            totals[name] += e["dur"] / 1e3 / n  # ms per call
+    return totals
+
+
+def categories(totals):
+    """[(category, ms)] largest first; kernels no pattern names count as 'other XLA fusions (elementwise)'."""
+    out = collections.Counter()
+    for name, ms in totals.items():
+        cat = next((c for c, pat in CATEGORIES if pat.search(name)), "other XLA fusions (elementwise)")
+        out[cat] += ms
+    return out.most_common()
+
+
+def kernel_table(fn, n=3, top=25, what="forward"):
+    totals = trace_kernels(fn, n)
     total = sum(totals.values())
-    print(f"\nGPU kernel time per forward: {total:.2f} ms (sum over kernels)")
+    print(f"\nGPU kernel time per {what}: {total:.2f} ms (sum over kernels)")
+    for cat, ms in categories(totals):
+        print(f"  {ms:8.3f} ms  {100 * ms / total:5.1f}%  [{cat}]")
     for name, ms in totals.most_common(top):
         print(f"  {ms:8.3f} ms  {100 * ms / total:5.1f}%  {name}")
     return total

@@ -12,12 +12,13 @@ weights, LoRA r 64 / alpha 128 on to_q/to_kv/to_out/to_qkv, AdamW (lr 5e-6, wd 0
   noise in bf16, DPO reference a frozen deep copy of the wrapped model.
 * ``torch:<loss>:compile``: the same step with the model (and DPO's reference) wrapped in ``torch.compile``
   (inductor, default mode): the strongest PyTorch a DSO user can run.
-* ``jax:<loss>[:remat|:noremat][:policy=P][:attn=IMPL][:xla][:base_bf16]``: ``dso_jax.train.make_train_step`` with
+* ``jax:<loss>[:remat|:noremat][:policy=P][:attn=IMPL][:xla][:base_bf16][:trace]``: ``dso_jax.train.make_train_step`` with
   the trainer's default configuration (``configs/<loss>.py``: bf16 compute, fp32 master base weights, its
   ``model.remat`` / ``model.remat_policy``); ``remat`` / ``noremat`` force rematerialisation on / off,
   ``policy=P`` sets what a rematerialised block keeps (``dso_jax.models.remat.POLICIES``), ``attn=IMPL`` sets
   ``model.attn_impl`` (``attn=mgpu[:BQxBKVxSTEPS]``: the Mosaic-GPU kernel), ``xla`` uses XLA attention
-  instead of cuDNN, ``base_bf16`` passes the frozen base already cast to bf16.
+  instead of cuDNN, ``base_bf16`` passes the frozen base already cast to bf16, ``trace`` adds the step's GPU
+  kernel time by category (``bench/profile_ssflow.py``'s trace of 3 steps) to the result.
 
 Each variant runs in its own process, so peak memory is per variant (JAX: ``peak_bytes_in_use``
 without preallocation; PyTorch: ``max_memory_allocated``). Prints one table; ``--tiny`` runs a
@@ -107,9 +108,21 @@ def run_jax(loss: str, flags: set, a) -> dict:
     def step():
         holder["state"], holder["metrics"] = step_fn(holder["state"], batch, base)
 
-    first, sec = _median_step(step, lambda: holder["metrics"]["loss"].block_until_ready(), a.reps, a.warmup)
+    sync = lambda: holder["metrics"]["loss"].block_until_ready()
+    first, sec = _median_step(step, sync, a.reps, a.warmup)
     stats = jax.local_devices()[0].memory_stats() or {}
+    extra = {}
+    if "trace" in flags:
+        from profile_ssflow import categories, trace_kernels
+
+        totals = trace_kernels(lambda: (step(), sync()))
+        extra = dict(
+            kernel_ms=round(sum(totals.values()), 2),
+            kernel_categories=[(c, round(ms, 2)) for c, ms in categories(totals)],
+            top_kernels=[(k, round(ms, 2)) for k, ms in totals.most_common(12)],
+        )
     return dict(
+        **extra,
         remat=bool(remat),
         remat_policy=policy if remat else "",
         seconds=sec,
@@ -275,6 +288,8 @@ def main():
             f"{name:24s} {r['seconds']:8.4f} {r['pairs_per_s']:8.2f} {r['peak_gib']:9.2f} {r['model_tflops']:8.1f} "
             f"{r['first_s']:10.1f}  {r['device']}"
         )
+        for cat, ms in r.get("kernel_categories", ()):
+            print(f"    {ms:8.2f} ms  {100 * ms / r['kernel_ms']:5.1f}%  [{cat}]")
 
 
 if __name__ == "__main__":
