@@ -184,8 +184,8 @@ IMPLS = ("auto", "jax", "warp")
 
 
 def _warp_usable() -> bool:
-    """One NVIDIA GPU and warp-lang importable: where MJX-Warp runs (its FFI call is not partitioned over a mesh
-    of several devices, so those keep the JAX backend)."""
+    """One NVIDIA GPU and warp-lang importable: where MJX-Warp runs and was measured. Several devices keep the
+    JAX backend (Warp's FFI call inside a step whose batch is sharded over a mesh is untested)."""
     if importlib.util.find_spec("warp") is None:
         return False
     try:
