@@ -140,6 +140,17 @@ def test_windowed_attention_matches_trellis_windows(window, shift):
     assert_close(valid(out, x.levels[0]), ref.numpy())
 
 
+def test_bucketed_window_attention_is_the_per_window_oracle():
+    """The twin's fast swin path (the GPU bench's) equals its one-call-per-window oracle, windows of mixed sizes."""
+    coords, _, _ = data()
+    q, k, v = map(torch.from_numpy, _qkv(len(coords), seed=4))
+    c = torch.from_numpy(coords)
+    buckets = st.window_buckets(c, 4, 2)
+    assert len(buckets) > 1 and sum(int(valid.sum()) for _, valid in buckets) == len(coords)  # each row once
+    out = st.bucketed_window_attention(q, k, v, buckets)
+    assert_close(out.numpy(), st.windowed_self_attention(q, k, v, c, 4, 2).numpy())
+
+
 def test_full_attention_is_per_object_with_no_leakage():
     coords, _, x = data(downsamples=0)
     q, k, v = (

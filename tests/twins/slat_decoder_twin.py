@@ -32,6 +32,10 @@ class SparseSiLU(nn.Module):
 class SparseMultiHeadAttention(nn.Module):
     """Self-attention: fused to_qkv (out channel s C + h D + d), optional q/k RMS norm, swin or full, to_out."""
 
+    # swin: "loop" (one SDPA call per window, the oracle) or "bucketed" (one call per power-of-two bucket of window
+    # sizes, the bucket tables cached per coords like the conv's neighbours: the GPU bench's fast path)
+    window_impl = "loop"
+
     def __init__(self, channels, num_heads, attn_mode="swin", window_size=8, shift_window=0, qk_rms_norm=False):
         super().__init__()
         self.heads, self.attn_mode, self.window, self.shift = num_heads, attn_mode, window_size, shift_window
@@ -47,7 +51,12 @@ class SparseMultiHeadAttention(nn.Module):
         q, k, v = self.to_qkv(x.feats).reshape(m, 3, self.heads, -1).unbind(1)  # (M, H, D) each
         if self.qk_rms_norm:
             q, k = self.q_rms_norm(q), self.k_rms_norm(k)
-        if self.attn_mode == "swin":
+        if self.attn_mode == "swin" and self.window_impl == "bucketed":
+            key = ("windows", self.window, self.shift)
+            if key not in x.cache or x.cache[key][0] is not x.coords:
+                x.cache[key] = (x.coords, st.window_buckets(x.coords, self.window, self.shift))
+            h = st.bucketed_window_attention(q, k, v, x.cache[key][1])
+        elif self.attn_mode == "swin":
             h = st.windowed_self_attention(q, k, v, x.coords, self.window, self.shift)
         else:
             h = torch.cat([st.sdpa_rows(q[sl], k[sl], v[sl]) for sl in x.layout], 0)

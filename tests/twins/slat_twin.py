@@ -216,18 +216,56 @@ class SparseGroupNorm32(nn.GroupNorm):
         return x.replace(out)
 
 
-def windowed_self_attention(q, k, v, coords, window: int, shift: int):
-    """Swin attention of TRELLIS's windowed_attn: q, k, v (M, H, D); windows of (coords + shift) // window."""
+def window_ids(coords, window: int, shift: int) -> torch.Tensor:
+    """(M,) TRELLIS's ``calc_window_partition`` id: the window of (coords + shift) // window, with the batch index."""
     c = coords.long().clone()
     c[:, 1:] += shift
     nwin = [math.ceil((m + 1) / window) for m in c[:, 1:].max(0).values.tolist()]
     offset = [nwin[0] * nwin[1] * nwin[2], nwin[1] * nwin[2], nwin[2], 1]
     c[:, 1:] //= window
-    wid = (c * torch.tensor(offset, device=c.device)).sum(1)
+    return (c * torch.tensor(offset, device=c.device)).sum(1)
+
+
+def windowed_self_attention(q, k, v, coords, window: int, shift: int):
+    """Swin attention of TRELLIS's windowed_attn: q, k, v (M, H, D); windows of (coords + shift) // window."""
+    wid = window_ids(coords, window, shift)
     out = torch.empty_like(q)
     for w in wid.unique():
         rows = (wid == w).nonzero()[:, 0]
         out[rows] = sdpa_rows(q[rows], k[rows], v[rows])
+    return out
+
+
+def window_buckets(coords, window: int, shift: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The windows of :func:`window_ids` as padded groups for :func:`bucketed_window_attention`: per group of
+    windows whose sizes round up to the same power of two L, (rows (W, L) long, M at padding; valid (W, L) bool)."""
+    m = len(coords)
+    wid = window_ids(coords, window, shift)
+    order = torch.argsort(wid, stable=True)
+    _, sizes = torch.unique_consecutive(wid[order], return_counts=True)  # (W,) rows per window, in id order
+    starts = torch.cumsum(sizes, 0) - sizes
+    length = 2 ** torch.ceil(torch.log2(sizes.double())).long()
+    out = []
+    for size in torch.unique(length).tolist():
+        sel = (length == size).nonzero()[:, 0]
+        slot = torch.arange(size, device=coords.device)
+        valid = slot[None] < sizes[sel, None]
+        rows = order[(starts[sel, None] + slot[None]).clamp(max=m - 1)]
+        out.append((torch.where(valid, rows, m), valid))
+    return out
+
+
+def bucketed_window_attention(q, k, v, buckets):
+    """:func:`windowed_self_attention` in one ``F.scaled_dot_product_attention`` call per bucket of
+    :func:`window_buckets` (keys masked to the window's rows; at most 2x padding), like TRELLIS's one varlen
+    flash-attention call per block rather than a call per window: the twin's fast path for the GPU bench."""
+    out = torch.zeros_like(q)
+    pad = lambda x: torch.cat([x, torch.zeros_like(x[:1])], 0)  # noqa: E731  (row M: the padding row)
+    qp, kp, vp = pad(q), pad(k), pad(v)
+    for rows, valid in buckets:
+        qs, ks, vs = (x[rows].transpose(1, 2) for x in (qp, kp, vp))  # (W, H, L, D)
+        h = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=valid[:, None, None, :]).transpose(1, 2)
+        out[rows[valid]] = h[valid]
     return out
 
 
