@@ -114,10 +114,14 @@ def subdivide_neighbours(neighbours) -> np.ndarray:
     up = np.floor_divide(t, 2)  # the parent's offset, in {-1, 0, 1}
     parent_offset = 9 * (up[..., 0] + 1) + 3 * (up[..., 1] + 1) + (up[..., 2] + 1)  # (8, 27)
     kid = t - 2 * up
-    child = 4 * kid[..., 0] + 2 * kid[..., 1] + kid[..., 2]  # (8, 27)
-    parent = nbrs[:, :, parent_offset].astype(np.int32)  # (B, N, 8, 27)
-    out = np.where(parent < n, 8 * parent + child.astype(np.int32), np.int32(8 * n))
-    return out.reshape(b, 8 * n, 27).astype(np.int32)
+    child = (4 * kid[..., 0] + 2 * kid[..., 1] + kid[..., 2]).astype(np.int32)  # (8, 27)
+    # 8 p on the coarse table (sentinel n -> 8 n), then one gather and two in-place passes over the fine one:
+    # 8 p + child < 8 n for a real neighbour, >= 8 n for the sentinel, which the minimum maps back to 8 n
+    eight = np.where(nbrs < n, 8 * nbrs.astype(np.int32), np.int32(8 * n))
+    out = np.take(eight, parent_offset.reshape(-1), axis=2)  # (B, N, 8 * 27)
+    out += child.reshape(-1)
+    np.minimum(out, np.int32(8 * n), out=out)
+    return out.reshape(b, 8 * n, 27)
 
 
 def window_partition(coords, mask, window: int, shift: int = 0):
