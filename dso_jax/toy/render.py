@@ -75,11 +75,13 @@ def render_iso(occ, size: int = 256, view=FRONT_VIEW, color=NEUTRAL_COLOR, backg
         shade.append(np.full(len(idx), 0.45 + 0.55 * max(0.0, float(n @ _LIGHT))))
     if faces:
         quads, depth, shade = np.concatenate(faces), np.concatenate(depth), np.concatenate(shade)
-        col = np.asarray(color, dtype=np.float64)
-        for q in np.argsort(depth):
-            fill = tuple(int(c) for c in np.clip(col * shade[q], 0, 255))
-            edge = tuple(int(c) for c in np.clip(col * shade[q] * 0.8, 0, 255))
-            draw.polygon([tuple(p) for p in to_px(quads[q])], fill=fill, outline=edge)
+        order = np.argsort(depth)
+        px = to_px(quads[order]).tolist()  # (F, 4, 2) pixel corners, far to near
+        col = np.asarray(color, dtype=np.float64)[None] * shade[order, None]  # (F, 3)
+        fills = np.clip(col, 0, 255).astype(int).tolist()
+        edges = np.clip(col * 0.8, 0, 255).astype(int).tolist()
+        for quad, fill, edge in zip(px, fills, edges):
+            draw.polygon([tuple(p) for p in quad], fill=tuple(fill), outline=tuple(edge))
     return img
 
 
