@@ -122,6 +122,13 @@ PANEL_NOTE = (
 )
 
 
+def _bare(ax) -> None:
+    """No axis; no ticks either (matplotlib would still lay out the hidden ticks for each title, most of a figure's
+    drawing time)."""
+    ax.set(xticks=[], yticks=[])
+    ax.axis("off")
+
+
 def save_rows(path, rows, *, title: str, size: int = 160, legend: str = "simulated", note: str = PANEL_NOTE) -> str:
     """A PNG figure (matplotlib): one row per condition, its conditioning view first, then its objects.
 
@@ -146,13 +153,13 @@ def save_rows(path, rows, *, title: str, size: int = 160, legend: str = "simulat
         ax = fig.add_subplot(grid[r, 0])
         ax.imshow(front_depth_image(cond_occ, size), cmap="gray", vmin=0, vmax=255)
         ax.set_title(cond_caption, fontsize=8)
-        ax.axis("off")
+        _bare(ax)
         for c, (occ, caption, stable) in enumerate(cells, start=1):
             color = NEUTRAL_COLOR if stable is None else (STABLE_COLOR if stable else UNSTABLE_COLOR)
             ax = fig.add_subplot(grid[r, c])
             ax.imshow(panel(occ, size, color))
             ax.set_title(caption, fontsize=8)
-            ax.axis("off")
+            _bare(ax)
     fig.suptitle(title, fontsize=10, y=0.995, va="top")
     handles = [
         Patch(color=np.asarray(STABLE_COLOR) / 255, label=f"stable ({legend})"),
