@@ -25,6 +25,7 @@ def _shorten(config):
     config.train.ckpt_every = 2
     config.online.num_candidates = 2
     config.online.updates_per_sample = 1
+    config.online.update_conditions = 1  # of train.batch_size 2, usable first (the job's dynamic sampling)
     config.sampler.steps = 2
     config.physics.horizon_s = 0.2
     config.eval.num_conditions = 3

@@ -75,11 +75,13 @@ def render_iso(occ, size: int = 256, view=FRONT_VIEW, color=NEUTRAL_COLOR, backg
         shade.append(np.full(len(idx), 0.45 + 0.55 * max(0.0, float(n @ _LIGHT))))
     if faces:
         quads, depth, shade = np.concatenate(faces), np.concatenate(depth), np.concatenate(shade)
-        col = np.asarray(color, dtype=np.float64)
-        for q in np.argsort(depth):
-            fill = tuple(int(c) for c in np.clip(col * shade[q], 0, 255))
-            edge = tuple(int(c) for c in np.clip(col * shade[q] * 0.8, 0, 255))
-            draw.polygon([tuple(p) for p in to_px(quads[q])], fill=fill, outline=edge)
+        order = np.argsort(depth)
+        px = to_px(quads[order]).tolist()  # (F, 4, 2) pixel corners, far to near
+        col = np.asarray(color, dtype=np.float64)[None] * shade[order, None]  # (F, 3)
+        fills = np.clip(col, 0, 255).astype(int).tolist()
+        edges = np.clip(col * 0.8, 0, 255).astype(int).tolist()
+        for quad, fill, edge in zip(px, fills, edges):
+            draw.polygon([tuple(p) for p in quad], fill=tuple(fill), outline=tuple(edge))
     return img
 
 
@@ -120,6 +122,13 @@ PANEL_NOTE = (
 )
 
 
+def _bare(ax) -> None:
+    """No axis; no ticks either (matplotlib would still lay out the hidden ticks for each title, most of a figure's
+    drawing time)."""
+    ax.set(xticks=[], yticks=[])
+    ax.axis("off")
+
+
 def save_rows(path, rows, *, title: str, size: int = 160, legend: str = "simulated", note: str = PANEL_NOTE) -> str:
     """A PNG figure (matplotlib): one row per condition, its conditioning view first, then its objects.
 
@@ -144,13 +153,13 @@ def save_rows(path, rows, *, title: str, size: int = 160, legend: str = "simulat
         ax = fig.add_subplot(grid[r, 0])
         ax.imshow(front_depth_image(cond_occ, size), cmap="gray", vmin=0, vmax=255)
         ax.set_title(cond_caption, fontsize=8)
-        ax.axis("off")
+        _bare(ax)
         for c, (occ, caption, stable) in enumerate(cells, start=1):
             color = NEUTRAL_COLOR if stable is None else (STABLE_COLOR if stable else UNSTABLE_COLOR)
             ax = fig.add_subplot(grid[r, c])
             ax.imshow(panel(occ, size, color))
             ax.set_title(caption, fontsize=8)
-            ax.axis("off")
+            _bare(ax)
     fig.suptitle(title, fontsize=10, y=0.995, va="top")
     handles = [
         Patch(color=np.asarray(STABLE_COLOR) / 255, label=f"stable ({legend})"),
