@@ -219,20 +219,39 @@ def bench_jax_decode(sd, args, voxels, batches, reps, quantum, keep):
 
 
 # ------------------------------------------------------------------------------------- PyTorch
+class _Twin:
+    """A twin module loaded from ``sd`` on the GPU (fp16 torso as released) or the CPU (float32: fp16 kernels are
+    not worth timing there), with the device's sync and peak-memory counters."""
+
+    def __init__(self, cls, args, sd):
+        import torch
+
+        self.torch = torch
+        self.dev = "cuda" if torch.cuda.is_available() else "cpu"
+        model = cls(**args)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+        self.model = model.to(self.dev).eval()
+        if self.dev == "cpu":
+            self.model.to_fp32()
+
+    def sync(self):
+        if self.dev == "cuda":
+            self.torch.cuda.synchronize()
+
+    def reset_peak(self):
+        if self.dev == "cuda":
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float:
+        return self.torch.cuda.max_memory_allocated() / 2**30 if self.dev == "cuda" else 0.0
+
+
 def bench_torch(sd, args, voxels, batches, rows, reps, modes, sampler):
     import torch
     from twins import slat_twin as st
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    twin = st.SLatFlowModel(**args)  # use_fp16 as released: fp16 torso parameters and compute
-    twin.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
-    twin = twin.to(dev).eval()
-    if dev == "cpu":
-        twin.to_fp32()  # fp16 kernels are not worth timing on a CPU
-
-    def sync():
-        if dev == "cuda":
-            torch.cuda.synchronize()
+    tw = _Twin(st.SLatFlowModel, args, sd)
+    twin, dev, sync = tw.model, tw.dev, tw.sync
 
     for mode in modes:
         try:
@@ -248,18 +267,16 @@ def bench_torch(sd, args, voxels, batches, rows, reps, modes, sampler):
                     common = dict(side=f"torch_{mode}", dtype=str(twin.dtype), voxels=n, batch=b)
                     with torch.no_grad():
                         if "forward" in rows:
-                            if dev == "cuda":
-                                torch.cuda.reset_peak_memory_stats()
+                            tw.reset_peak()
                             t0 = time.perf_counter()
                             model(x, t, cond)
                             sync()
                             first_s = time.perf_counter() - t0
                             s = median_time(lambda: (model(x, t, cond), sync()), reps, 1)
-                            mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
+                            mem = tw.peak_gib()
                             emit(row="forward", seconds=s, per_object=s / b, compile_s=first_s, peak_gib=mem, **common)
                         if "sample" in rows:
-                            if dev == "cuda":
-                                torch.cuda.reset_peak_memory_stats()
+                            tw.reset_peak()
                             run = lambda: (
                                 st.sample_slat(
                                     model, x, cond, torch.zeros_like(cond), SLAT_NORMALIZATION, **sampler.to_dict()
@@ -267,7 +284,7 @@ def bench_torch(sd, args, voxels, batches, rows, reps, modes, sampler):
                                 sync(),
                             )
                             s = median_time(run, max(1, reps // 5), 0)
-                            mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
+                            mem = tw.peak_gib()
                             emit(row=sample_row(sampler), seconds=s, per_object=s / b, peak_gib=mem, **common)
         except Exception as e:  # keep the rows measured so far; say why this mode stopped
             emit(side=f"torch_{mode}", error=f"{type(e).__name__}: {str(e)[:400]}")
@@ -281,17 +298,9 @@ def bench_torch_decode(sd, args, voxels, batches, reps, modes, keep):
     from twins import slat_decoder_twin as dt
     from twins import slat_twin as st
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt.SparseMultiHeadAttention.window_impl = "bucketed"
-    twin = dt.SLatMeshDecoder(**args)  # use_fp16 as released: fp16 torso
-    twin.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
-    twin = twin.to(dev).eval()
-    if dev == "cpu":
-        twin.to_fp32()
-
-    def sync():
-        if dev == "cuda":
-            torch.cuda.synchronize()
+    tw = _Twin(dt.SLatMeshDecoder, args, sd)
+    twin, dev, sync = tw.model, tw.dev, tw.sync
 
     for mode in modes:
         try:
@@ -302,8 +311,7 @@ def bench_torch_decode(sd, args, voxels, batches, reps, modes, keep):
                         continue
                     coords, feats = decode_scene(n, b, args, seed=n + b)
                     x = st.from_numpy(coords, feats, device=dev)
-                    if dev == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
+                    tw.reset_peak()
                     with torch.no_grad():
                         t0 = time.perf_counter()
                         out = model(x)
@@ -323,7 +331,7 @@ def bench_torch_decode(sd, args, voxels, batches, reps, modes, keep):
                             )
                         del out
                         s = median_time(lambda: (model(x), sync()), reps, 1)
-                    mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
+                    mem = tw.peak_gib()
                     emit(
                         row="decode",
                         side=f"torch_{mode}",
